@@ -1,0 +1,10 @@
+"""Test configuration shared by the whole suite.
+
+Eight CPU devices are simulated for every test so that data-parallel and
+sharding tests run in-process; single-device code is unaffected (it runs on
+device 0). The flag must be set before jax is imported anywhere.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
