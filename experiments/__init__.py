@@ -1,0 +1,1 @@
+"""Experiment CLIs, configs and benchmark scripts over the sing_jax library."""
