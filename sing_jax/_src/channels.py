@@ -219,7 +219,7 @@ def map_with_geometry(fn: Callable[..., Any], geometries: list[LeafGeometry], tr
 # Building specs
 
 
-Rule = tuple[str, Union[ChannelDims, None]]
+Rule = tuple[str, ChannelDims | None]
 
 
 def channel_dims_from_rules(params: Any, rules: Sequence[Rule],

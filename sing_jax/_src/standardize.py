@@ -1,0 +1,94 @@
+"""SING's gradient standardisation: centralisation and per-leaf normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sing_jax._src import channels
+from sing_jax._src.channels import ChannelDims, ChannelDimsSpec
+
+
+def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
+    """Spec with ``ChannelDims((-1,))`` on every leaf of ``ndim >= min_ndim``, else None.
+
+    In Flax layouts (``(in, out)`` dense and ``(kH, kW, C_in, C_out)`` conv kernels)
+    the last axis is the output channel, so this makes every kernel a product of
+    per-output-channel spheres and leaves biases and norm parameters Euclidean.
+    Usable directly as ``channel_dims=sing_jax.output_channel_dims``.
+    """
+    return jax.tree.map(lambda p: ChannelDims((-1,)) if jnp.ndim(p) >= min_ndim else None,
+                        params)
+
+
+def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
+                         ) -> optax.GradientTransformation:
+    r"""Gradient centralisation (SING step 1).
+
+    .. math::
+      g \leftarrow g - \operatorname{mean}_{G}(g)
+
+    where the mean is taken over the group axes ``G`` of each leaf, i.e. every axis
+    except its channel axes. The default spec keeps the last (output-channel) axis
+    of leaves with ``ndim > 1`` and leaves 1-D leaves untouched, as SING does.
+
+    Args:
+      channel_dims: a spec tree (leaves ``ChannelDims`` or ``None`` = untouched), a
+        single ``ChannelDims``, or a callable ``params -> spec``.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+    """
+
+    def init_fn(params):
+        channels.resolve_channel_dims(channel_dims, params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        geometries = channels.resolve_channel_dims(channel_dims, updates)
+
+        def centralize(geometry, g):
+            if geometry.group_axes is None or geometry.group_size == 1:
+                return g
+            return g - jnp.mean(g, axis=geometry.group_axes, keepdims=True)
+
+        return channels.map_with_geometry(centralize, geometries, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def normalize_gradients(eps: float = 1e-8) -> optax.GradientTransformation:
+    r"""Per-leaf gradient normalisation (SING step 2).
+
+    .. math::
+      g \leftarrow \frac{g}{\lVert g \rVert_2 + \epsilon}
+
+    with the norm taken over the whole leaf, for every leaf (1-D ones too). The
+    norm is accumulated in float32 at least, whatever the leaf's dtype.
+
+    Args:
+      eps: added to the norm.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def normalize(g):
+            wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+            norm = jnp.sqrt(jnp.sum(wide * wide))
+            return (wide / (norm + eps)).astype(g.dtype)
+
+        return jax.tree.map(normalize, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
