@@ -1,0 +1,24 @@
+"""Small models and data shared by the training tests (not a test module)."""
+
+import numpy as np
+from flax import nnx
+
+
+class TinyConvNet(nnx.Module):
+    """conv -> BatchNorm -> relu -> mean pool -> dense: small, but has BN statistics."""
+
+    def __init__(self, num_classes: int = 3, channels: int = 4, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, channels, (3, 3), use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(channels, rngs=rngs)
+        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.norm(self.conv(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def tiny_batch(n: int = 16, seed: int = 0, size: int = 6, num_classes: int = 3):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    images = rng.normal(size=(n, size, size, 1)).astype(np.float32) + labels[:, None, None, None]
+    return {"image": images, "label": labels}
