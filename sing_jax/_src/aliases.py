@@ -38,8 +38,8 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
          eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0,
          softplus_beta: float | None = 50.0, centralize: bool = True, normalize: bool = True,
          lookahead_every: int | None = 5, lookahead_alpha: float = 0.5, *,
-         centralize_channel_dims: ChannelDimsSpec = output_channel_dims,
-         weight_decay_mask: MaskOrFn = matrix_mask,
+         centralize_channel_dims: ChannelDimsSpec = None,
+         weight_decay_mask: MaskOrFn = None,
          ) -> optax.GradientTransformation:
     r"""SING: standardised gradients into AdamW with a softplus denominator, plus Lookahead.
 
@@ -71,9 +71,15 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
       normalize: per-leaf gradient normalisation on/off.
       lookahead_every: Lookahead's ``k``; ``None`` disables Lookahead.
       lookahead_alpha: weight of the fast weights at a sync, in ``[0, 1]``.
-      centralize_channel_dims: which axes centralisation keeps (default: the last
-        axis of leaves with ``ndim > 1``, the Flax output channel).
-      weight_decay_mask: a bool tree or callable; default ``ndim > 1``, as SING.
+      centralize_channel_dims: which axes centralisation keeps; ``None`` (default)
+        means :func:`sing_jax.output_channel_dims`: the last axis of leaves with
+        ``ndim > 1``, the Flax output channel.
+      weight_decay_mask: a bool tree or callable; ``None`` (default) means
+        :func:`sing_jax.matrix_mask` (``ndim > 1``), as SING.
+
+    Under ``optax.inject_hyperparams`` a callable keyword is taken for a schedule:
+    pass callables for ``centralize_channel_dims``/``weight_decay_mask`` through
+    ``functools.partial`` or ``static_args``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -98,12 +104,14 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
                                         include_one=True)
     parts = []
     if centralize:
-        parts.append(centralize_gradients(centralize_channel_dims))
+        parts.append(centralize_gradients(
+            output_channel_dims if centralize_channel_dims is None else centralize_channel_dims))
     if normalize:
         parts.append(normalize_gradients(eps))
     parts += [
         scale_by_softplus_adam(b1, b2, eps, softplus_beta),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.add_decayed_weights(
+            weight_decay, matrix_mask if weight_decay_mask is None else weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     ]
     if lookahead_every is not None:
