@@ -150,7 +150,10 @@ def _sources(name: str, data_dir: str | None):
         builder.download_and_prepare()
     try:
         # Never download here: CIFAR/SVHN would try the network, ImageNet cannot.
-        return tfds.data_source(spec.tfds_name, data_dir=data_dir, download=False)
+        splits = [spec.train_split, spec.test_split]
+        sources = tfds.data_source(spec.tfds_name, split=splits, data_dir=data_dir,
+                                   download=False)  # fmt: skip
+        return dict(zip(splits, sources))
     except Exception as err:
         if builder.is_prepared():
             raise

@@ -1,0 +1,238 @@
+"""The grain pipelines: sharding, padding, shuffling, resuming, preprocessing."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+sd = pytest.importorskip("sing_jax.data")
+
+from tests._data_helpers import session_data_dir, write_fake_cifar10  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    path = session_data_dir(tmp_path_factory)
+    sd.get_info("digits", data_dir=path)  # builds the embedded dataset once
+    return path
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return np.asarray(image, np.float32).tobytes()
+
+
+def _split_digests(data_dir, split):
+    """Digest of every example of our split, read directly from TFDS (the ground truth)."""
+    from sing_jax.data import pipeline
+
+    sources = pipeline._sources("digits", str(data_dir))
+    source, indices = pipeline._split_source("digits", split, sources, None)
+    return collections.Counter(
+        _digest(np.asarray(source[int(i)]["image"], np.float32) / 16) for i in indices
+    )
+
+
+def test_batch_structure_shapes_dtypes_ranges(data_dir):
+    ds = sd.make_dataset("digits", 64, data_dir=data_dir, num_local_devices=4, process_count=1,
+                         process_index=0)  # fmt: skip
+    batch = next(iter(ds.train))
+    assert batch["image"].shape == (4, 16, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4, 16) and batch["label"].dtype == np.int32
+    assert batch["mask"].shape == (4, 16) and batch["mask"].dtype == np.bool_
+    assert batch["mask"].all()
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].max() > 0.5 and set(np.unique(batch["label"])) <= set(range(10))
+    assert ds.info.num_classes == 10 and ds.train.steps_per_epoch == 1365 // 64
+
+
+@pytest.mark.parametrize(
+    "num_devices,process_count", [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)]
+)
+def test_eval_covers_every_example_exactly_once(data_dir, num_devices, process_count):
+    seen = collections.Counter()
+    lengths = set()
+    for process in range(process_count):
+        pipe = sd.get_pipeline("digits", "test", 48, data_dir=data_dir,
+                               process_index=process, process_count=process_count,
+                               num_local_devices=num_devices)  # fmt: skip
+        lengths.add(len(pipe))
+        for batch in pipe:
+            assert batch["image"].shape[:2] == (num_devices, 48 // process_count // num_devices)
+            images = batch["image"].reshape(-1, 8, 8, 1)[batch["mask"].reshape(-1)]
+            seen.update(_digest(img) for img in images)
+    assert lengths == {-(-360 // 48)}  # every process steps the same number of times
+    assert seen == _split_digests(data_dir, "test")
+    assert sum(seen.values()) == 360
+
+
+def test_validation_is_disjoint_fixed_holdout(data_dir):
+    val = _split_digests(data_dir, "validation")
+    train = _split_digests(data_dir, "train")
+    assert sum(val.values()) == 72 and sum(train.values()) == 1365
+    pipe = sd.get_pipeline("digits", "validation", 32, data_dir=data_dir, num_local_devices=1,
+                           process_count=1, process_index=0)  # fmt: skip
+    seen = collections.Counter()
+    for batch in pipe:
+        seen.update(_digest(x) for x in batch["image"][0][batch["mask"][0]])
+    assert seen == val
+
+
+def _take(pipe, n, it=None):
+    it = iter(pipe) if it is None else it
+    return [next(it) for _ in range(n)], it
+
+
+def test_train_epoch_is_permutation_and_drops_remainder(data_dir):
+    pipe = sd.get_pipeline("digits", "train", 100, seed=3, num_epochs=2, augment=False,
+                           data_dir=data_dir, num_local_devices=2, process_count=1,
+                           process_index=0)  # fmt: skip
+    assert len(pipe) == 2 * 13  # 1365 // 100 per epoch
+    batches = list(pipe)
+    assert len(batches) == 26
+    epoch0 = collections.Counter(
+        _digest(x) for b in batches[:13] for x in b["image"].reshape(-1, 8, 8, 1)
+    )
+    train = _split_digests(data_dir, "train")
+    assert sum(epoch0.values()) == 1300 and not (epoch0 - train)  # no example twice
+    order0 = [b["label"] for b in batches[:13]]
+    order1 = [b["label"] for b in batches[13:]]
+    assert not all(np.array_equal(a, b) for a, b in zip(order0, order1))  # reshuffled
+
+
+def test_two_processes_assemble_the_single_process_global_batch(data_dir):
+    kw = dict(seed=5, data_dir=data_dir, augment=False)
+    single, _ = _take(sd.get_pipeline("digits", "train", 64, num_local_devices=4,
+                                      process_count=1, process_index=0, **kw), 3)  # fmt: skip
+    parts = [
+        _take(sd.get_pipeline("digits", "train", 64, num_local_devices=2, process_count=2,
+                              process_index=p, **kw), 3)[0]  # fmt: skip
+        for p in range(2)
+    ]
+    for step in range(3):
+        joined = np.concatenate([parts[p][step]["image"].reshape(32, 8, 8, 1) for p in range(2)])
+        np.testing.assert_array_equal(joined, single[step]["image"].reshape(64, 8, 8, 1))
+        assert not np.array_equal(parts[0][step]["image"], parts[1][step]["image"])
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data_dir):
+    kw = dict(data_dir=data_dir, num_local_devices=2, process_count=1, process_index=0)
+    a, _ = _take(sd.get_pipeline("digits", "train", 32, seed=11, **kw), 4)
+    b, _ = _take(sd.get_pipeline("digits", "train", 32, seed=11, **kw), 4)
+    c, _ = _take(sd.get_pipeline("digits", "train", 32, seed=12, **kw), 4)
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert not all(np.array_equal(x["label"], z["label"]) for x, z in zip(a, c))
+
+
+def test_resume_from_iterator_state_matches_never_stopping(data_dir):
+    kw = dict(seed=2, data_dir=data_dir, num_local_devices=2, process_count=1, process_index=0)
+    # 1365 // 128 = 10 steps per epoch: resuming at step 8 crosses an epoch boundary
+    reference, _ = _take(sd.get_pipeline("digits", "train", 128, **kw), 14)
+    first, it = _take(sd.get_pipeline("digits", "train", 128, **kw), 8)
+    state = it.get_state()
+    del it
+    resumed_it = iter(sd.get_pipeline("digits", "train", 128, **kw))
+    resumed_it.set_state(state)
+    resumed, _ = _take(None, 6, resumed_it)
+    for x, y in zip(first + resumed, reference):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_batch_split_errors_name_the_numbers(data_dir):
+    with pytest.raises(ValueError, match=r"global batch size 30 .* 2 process\(es\) x 4 .* = 8"):
+        sd.get_pipeline("digits", "train", 30, data_dir=data_dir, process_index=0,
+                        process_count=2, num_local_devices=4)  # fmt: skip
+    with pytest.raises(ValueError, match=r"global batch size 10 .* 1 process\(es\) x 8"):
+        sd.make_dataset("digits", 10, data_dir=data_dir)  # default: the 8 simulated devices
+    with pytest.raises(ValueError, match="process_index must be in"):
+        sd.get_pipeline("digits", "train", 8, data_dir=data_dir, process_index=2,
+                        process_count=2, num_local_devices=1)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        sd.get_pipeline("digits", "val", 8, data_dir=data_dir)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        sd.get_pipeline("digits", "validation", 128, train=True, data_dir=data_dir)
+
+
+def test_default_devices_and_prefetch_to_device(data_dir):
+    import jax
+
+    ds = sd.make_dataset("digits", 16, data_dir=data_dir)
+    assert jax.local_device_count() == 8
+    it = sd.prefetch_to_device(iter(ds.test), size=2)
+    batches = list(it)
+    assert len(batches) == len(ds.test) == 23
+    first = batches[0]
+    assert isinstance(first["image"], jax.Array) and first["image"].shape == (8, 2, 8, 8, 1)
+    assert len(first["image"].sharding.device_set) == 8
+    assert sum(int(b["mask"].sum()) for b in batches) == 360
+
+
+# ----------------------------------------------------------------------------- real CIFAR files
+
+
+def test_cifar10_pipeline_on_real_builder(tmp_path):
+    train, test = write_fake_cifar10(tmp_path / "src", n_train_per_batch=8, n_test=10)
+    sd.prepare("cifar10", tmp_path / "data", source_dir=tmp_path / "src")
+    mean = np.asarray(sd.augment.CIFAR10_MEAN, np.float32)
+    std = np.asarray(sd.augment.CIFAR10_STD, np.float32)
+    test_pipe = sd.get_pipeline("cifar10", "test", 8, data_dir=tmp_path / "data",
+                                num_local_devices=2, process_count=1, process_index=0)  # fmt: skip
+    raw = []
+    for batch in test_pipe:
+        images = (batch["image"] * std + mean) * 255
+        raw += [
+            ((int(lab),), np.round(img).astype(np.uint8))
+            for img, lab, m in zip(images.reshape(-1, 32, 32, 3), batch["label"].ravel(),
+                                   batch["mask"].ravel()) if m  # fmt: skip
+        ]
+    key = collections.Counter
+    assert key((lab, img.tobytes()) for lab, img in raw) == key(
+        (lab, img.tobytes()) for lab, img in test
+    )
+    train_pipe = sd.get_pipeline("cifar10", "train", 8, data_dir=tmp_path / "data",
+                                 num_local_devices=2, process_count=1, process_index=0)  # fmt: skip
+    assert train_pipe.info.num_examples == {"train": 38, "validation": 2, "test": 10}
+    batch = next(iter(train_pipe))
+    # augmented: padding zeros appear as (0 - mean) / std in some crops
+    assert batch["image"].shape == (2, 4, 32, 32, 3)
+    assert np.isclose(batch["image"], -mean / std).all(axis=-1).any()
+
+
+# ----------------------------------------------------------------------------- mock data
+
+
+@pytest.mark.parametrize("name,classes", [("cifar100", 100), ("svhn_cropped", 10)])
+def test_pipelines_on_mock_data(name, classes, tmp_path):
+    with tfds.testing.mock_data(num_examples=40, data_dir=str(tmp_path)):
+        ds = sd.make_dataset(name, 16, num_local_devices=2, process_count=1, process_index=0,
+                             data_dir=tmp_path)  # fmt: skip
+        batch = next(iter(ds.train))
+        assert batch["image"].shape == (2, 8, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert ds.info.num_classes == classes and ds.info.num_examples["validation"] == 2
+        if name == "svhn_cropped":  # no augmentation, no normalisation: pixels in [0, 1]
+            assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        else:
+            assert batch["image"].min() < -1.0
+        seen = sum(int(b["mask"].sum()) for b in ds.test)
+        assert seen == 40
+
+
+def test_imagenet_pipeline_on_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
+        ds = sd.make_dataset("imagenet2012", 4, num_local_devices=2, process_count=1,
+                             process_index=0, data_dir=tmp_path)  # fmt: skip
+        assert ds.validation is None and ds.info.num_classes == 1000
+        train = next(iter(ds.train))
+        test = list(ds.test)
+    assert train["image"].shape == (2, 2, 224, 224, 3) and train["image"].dtype == np.float32
+    assert len(test) == 2 and sum(int(b["mask"].sum()) for b in test) == 6
+    assert test[0]["image"].shape == (2, 2, 224, 224, 3)
+    mean = np.asarray(sd.augment.IMAGENET_MEAN, np.float32)
+    std = np.asarray(sd.augment.IMAGENET_STD, np.float32)
+    pixels = test[0]["image"] * std + mean
+    assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
