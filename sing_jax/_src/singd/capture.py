@@ -1,0 +1,389 @@
+r"""Layer statistics for SINGD from one forward and one backward pass of an NNX model.
+
+For every ``nnx.Linear`` and 2-D ``nnx.Conv`` the capture records the layer input
+:math:`x` and the gradient of the loss w.r.t. the layer output :math:`\partial\ell/\partial
+s`, without modifying the model: during the traced forward pass the layers' ``__call__``
+is wrapped so that each output gets a zero "perturbation" :math:`s + \epsilon`, and the
+gradient w.r.t. :math:`\epsilon` is the output gradient. The processed matrices are
+
+.. math::
+
+   A = \frac{1}{\sqrt{r}}\,[\,\tilde x \mid 1\,] \in \mathbb{R}^{r \times d_K},\qquad
+   G = \sqrt{c}\;\widetilde{\partial\ell/\partial s} \in \mathbb{R}^{r' \times d_C},
+
+where :math:`\tilde x` are the rows of the (unfolded, for conv) input (KFAC-expand:
+every position is a row; KFAC-reduce: averaged over shared positions), the column of
+ones is present when the layer has a bias, and :math:`c` is the number of loss terms
+the loss averages over (``"batch"``: :math:`B`; ``"batch+sequence"``: :math:`B S`;
+``None``: 1). Conv patches come from ``jax.lax.conv_general_dilated_patches`` with the
+feature order (input channel, kernel row, kernel column), i.e. PyTorch's
+``weight.flatten(1)``; grouped convolutions average the input channels over groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+SUPPORTED_LOSS_AVERAGE = (None, "batch", "batch+sequence")
+SUPPORTED_KFAC_APPROX = ("expand", "reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """Static description of a captured layer (hashable; pytree aux data)."""
+
+    path: str
+    kind: str  # "linear" or "conv"
+    has_bias: bool
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...] = ()
+    padding: Any = ()  # "SAME", "VALID" or ((lo, hi), (lo, hi))
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class LayerCapture:
+    """The raw statistics of one layer: its input and the gradient w.r.t. its output."""
+
+    inputs: Array
+    output_grads: Array
+    info: LayerInfo
+
+    def tree_flatten(self):
+        return (self.inputs, self.output_grads), self.info
+
+    @classmethod
+    def tree_unflatten(cls, info, children):
+        return cls(children[0], children[1], info)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+    """``('layers', 0, 'kernel')`` or a jax key path -> ``'layers/0/kernel'``."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            key = key.key
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            key = key.idx
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            key = key.name
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            key = key.key
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def _as_tuple(value: Any, n: int, what: str, path: str) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"layer {path!r}: {what}={value} must have {n} entries")
+    return value
+
+
+def _conv_padding(padding: Any, path: str) -> Any:
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+        raise ValueError(
+            f"layer {path!r}: padding={padding!r} is not supported by SINGD's capture; "
+            "expected 'SAME', 'VALID', an int or explicit (low, high) pairs"
+        )
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    pads = []
+    for p in padding:
+        if isinstance(p, int):
+            pads.append((p, p))
+        else:
+            lo, hi = p
+            pads.append((int(lo), int(hi)))
+    if len(pads) == 1:
+        pads = pads * 2
+    if len(pads) != 2:
+        raise ValueError(f"layer {path!r}: padding={padding!r} must describe 2 spatial dims")
+    return tuple(pads)
+
+
+def layer_info(module: nnx.Module, path: str) -> LayerInfo:
+    """The static description of a supported layer; a clear error otherwise."""
+    if isinstance(module, nnx.Linear):
+        return LayerInfo(path, "linear", module.bias is not None,
+                         tuple(module.kernel.shape))
+    if isinstance(module, nnx.Conv):
+        kshape = tuple(module.kernel.shape)
+        if len(kshape) != 4:
+            raise ValueError(
+                f"layer {path!r}: SINGD supports 2-D nnx.Conv only, got kernel shape {kshape}"
+            )
+        if _as_tuple(module.input_dilation, 2, "input_dilation", path) != (1, 1):
+            raise ValueError(f"layer {path!r}: input_dilation != 1 is not supported by SINGD")
+        if module.mask is not None:
+            raise ValueError(f"layer {path!r}: masked convolutions are not supported by SINGD")
+        return LayerInfo(
+            path,
+            "conv",
+            module.bias is not None,
+            kshape,
+            strides=_as_tuple(module.strides, 2, "strides", path),
+            padding=_conv_padding(module.padding, path),
+            dilation=_as_tuple(module.kernel_dilation, 2, "kernel_dilation", path),
+            groups=int(module.feature_group_count),
+        )
+    raise TypeError(f"layer {path!r} of type {type(module).__name__} is not supported by SINGD")
+
+
+# -- processing into A and G -------------------------------------------------------------
+def _check_options(kfac_approx: str, loss_average: str | None) -> None:
+    if kfac_approx not in SUPPORTED_KFAC_APPROX:
+        raise ValueError(f"kfac_approx={kfac_approx!r}; expected one of {SUPPORTED_KFAC_APPROX}")
+    if loss_average not in SUPPORTED_LOSS_AVERAGE:
+        raise ValueError(
+            f"loss_average={loss_average!r}; expected one of {SUPPORTED_LOSS_AVERAGE}"
+        )
+
+
+def conv_patches(x: Array, info: LayerInfo) -> Array:
+    """Unfolded conv input, ``(B, O1, O2, C_in/groups * kH * kW)``, groups averaged."""
+    kh, kw, cin_g, _ = info.kernel_shape
+    if x.ndim < 4:
+        raise ValueError(f"layer {info.path!r}: conv input must be (..., H, W, C), got {x.shape}")
+    x = x.reshape((-1,) + x.shape[-3:])
+    if info.groups > 1:
+        x = x.reshape(x.shape[:3] + (info.groups, cin_g)).mean(axis=3)
+    return jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=(kh, kw),
+        window_strides=info.strides,
+        padding=info.padding,
+        rhs_dilation=info.dilation,
+        dimension_numbers=("NHWC", "OIHW", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def input_matrix(capture: LayerCapture, kfac_approx: str = "expand",
+                 dtype: Any = None) -> Array:
+    r"""The matrix :math:`A` (rows x :math:`d_K`) of a layer, scaled by :math:`1/\sqrt{r}`."""
+    info, x = capture.info, capture.inputs
+    if dtype is not None:
+        x = x.astype(dtype)
+    if info.kind == "conv":
+        x = conv_patches(x, info)  # (B, O1, O2, d_i)
+    d_in = x.shape[-1]
+    if kfac_approx == "expand":
+        rows = x.reshape(-1, d_in)
+    else:
+        rows = x.reshape(x.shape[0], -1, d_in).mean(axis=1)
+    if info.has_bias:
+        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    return rows / jnp.sqrt(jnp.asarray(rows.shape[0], rows.dtype))
+
+
+def output_grad_matrix(capture: LayerCapture, kfac_approx: str = "expand",
+                       loss_average: str | None = "batch", dtype: Any = None) -> Array:
+    r"""The matrix :math:`G` (rows x :math:`d_C`) of a layer, scaled by :math:`\sqrt{c}`."""
+    info, g = capture.info, capture.output_grads
+    if dtype is not None:
+        g = g.astype(dtype)
+    if info.kind == "conv":
+        g = g.reshape((-1,) + g.shape[-3:])
+    batch = g.shape[0]
+    shared = math.prod(g.shape[1:-1])
+    num_terms = {None: 1, "batch": batch, "batch+sequence": batch * shared}[loss_average]
+    d_out = g.shape[-1]
+    if kfac_approx == "expand":
+        rows = g.reshape(-1, d_out)
+    else:
+        rows = g.reshape(batch, -1, d_out).sum(axis=1)
+    return rows * jnp.sqrt(jnp.asarray(num_terms, rows.dtype))
+
+
+# -- the capture itself ------------------------------------------------------------------
+SUPPORTED_LAYERS = (nnx.Linear, nnx.Conv)
+
+
+class _Recorder:
+    def __init__(self, paths: dict[int, str], perturbations: dict[str, Array] | None):
+        self.paths = paths
+        self.perturbations = perturbations
+        self.inputs: dict[str, Array] = {}
+        self.infos: dict[str, LayerInfo] = {}
+        self.out_shapes: dict[str, jax.ShapeDtypeStruct] = {}
+
+
+_ACTIVE: list[_Recorder] = []
+
+
+def _wrapped_call(original: Callable) -> Callable:
+    def call(self, x, *args, **kwargs):
+        out = original(self, x, *args, **kwargs)
+        if not _ACTIVE:
+            return out
+        rec = _ACTIVE[-1]
+        path = rec.paths.get(id(self))
+        if path is None:
+            return out
+        if path in rec.inputs:
+            raise ValueError(
+                f"layer {path!r} was called more than once in one forward pass; SINGD's "
+                "Kronecker statistics assume one call per layer (exclude the layer with an "
+                "override mapping its path to None, which trains it with `other`)"
+            )
+        rec.inputs[path] = x
+        rec.infos[path] = layer_info(self, path)
+        if rec.perturbations is None:
+            rec.out_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            return out
+        return out + rec.perturbations[path].astype(out.dtype)
+
+    return call
+
+
+_ORIGINAL_CALLS = {cls: cls.__call__ for cls in SUPPORTED_LAYERS}
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder):
+    # The layer classes are wrapped only while a capture traces the forward pass.
+    if not _ACTIVE:
+        for cls, original in _ORIGINAL_CALLS.items():
+            cls.__call__ = _wrapped_call(original)
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.pop()
+        if not _ACTIVE:
+            for cls, original in _ORIGINAL_CALLS.items():
+                cls.__call__ = original
+
+
+def supported_layer_paths(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Paths (``'a/0/b'``) of the ``nnx.Linear``/``nnx.Conv`` layers of a model."""
+    return {
+        path_to_str(path): module
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, SUPPORTED_LAYERS)
+    }
+
+
+def unsupported_parameter_owners(model: nnx.Module) -> dict[str, list[str]]:
+    """Modules other than Linear/Conv that directly hold ``nnx.Param``s (path -> names)."""
+    owners: dict[str, list[str]] = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, SUPPORTED_LAYERS):
+            continue
+        names = [k for k, v in vars(module).items() if isinstance(v, nnx.Param)]
+        if names:
+            owners[path_to_str(path)] = names
+    return owners
+
+
+_WARNED: set[tuple[int, str]] = set()
+
+
+def _warn_unsupported(model: nnx.Module) -> None:
+    owners = unsupported_parameter_owners(model)
+    for path, names in owners.items():
+        key = (id(type(model)), path)
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        warnings.warn(
+            f"SINGD: module {path!r} holds parameters {names} but is not an nnx.Linear or "
+            "2-D nnx.Conv; its parameters get no Kronecker preconditioner (the `other` "
+            "transform trains them)",
+            stacklevel=3,
+        )
+
+
+def _forward(loss_fn: Callable, has_aux: bool, args: tuple, kwargs: dict,
+             model: nnx.Module, perturbations: dict[str, Array] | None):
+    paths = {id(m): p for p, m in supported_layer_paths(model).items()}
+    rec = _Recorder(paths, perturbations)
+    with _recording(rec):
+        result = loss_fn(model, *args, **kwargs)
+    loss, aux = result if has_aux else (result, None)
+    return loss, aux, rec
+
+
+def functional_value_and_grad(loss_fn: Callable, graphdef: Any, params: Any, rest: Any,
+                              args: tuple, kwargs: dict, *, has_aux: bool = False,
+                              capture: bool = True):
+    """Pure core of :func:`capture_value_and_grad` on a split model.
+
+    Returns ``(value, grads, captures, new_rest)``; ``captures`` is empty when
+    ``capture`` is False (a plain ``value_and_grad``, no capture work at all).
+    """
+    if not capture:
+        def plain(params):
+            m = nnx.merge(graphdef, params, rest)
+            result = loss_fn(m, *args, **kwargs)
+            loss, aux = result if has_aux else (result, None)
+            return loss, (aux, nnx.state(m, nnx.Not(nnx.Param)))
+
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(plain, has_aux=True)(params)
+        return ((loss, aux) if has_aux else loss), grads, {}, new_rest
+
+    holder: dict[str, Any] = {}
+
+    def probe(params):
+        m = nnx.merge(graphdef, params, rest)
+        _, _, rec = _forward(loss_fn, has_aux, args, kwargs, m, None)
+        holder["infos"] = rec.infos
+        return {k: jnp.zeros(v.shape, v.dtype) for k, v in rec.out_shapes.items()}
+
+    # abstract trace: which layers run and their output shapes (no compute)
+    out_shapes = jax.eval_shape(probe, params)
+    infos: dict[str, LayerInfo] = holder["infos"]
+    perturbations = {k: jnp.zeros(v.shape, v.dtype) for k, v in out_shapes.items()}
+
+    def objective(params, perts):
+        m = nnx.merge(graphdef, params, rest)
+        loss, aux, rec = _forward(loss_fn, has_aux, args, kwargs, m, perts)
+        return loss, (aux, rec.inputs, nnx.state(m, nnx.Not(nnx.Param)))
+
+    grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+    (loss, (aux, inputs, new_rest)), (grads, pert_grads) = grad_fn(params, perturbations)
+    captures = {k: LayerCapture(inputs[k], pert_grads[k], infos[k]) for k in sorted(inputs)}
+    return ((loss, aux) if has_aux else loss), grads, captures, new_rest
+
+
+def capture_value_and_grad(loss_fn: Callable, model: nnx.Module, *args: Any,
+                           has_aux: bool = False, **kwargs: Any):
+    """Loss, parameter gradients and per-layer captures from one forward/backward pass.
+
+    Args:
+      loss_fn: ``loss_fn(model, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``) on any unmodified NNX model.
+      model: the NNX model; its non-parameter state (batch stats, RNG counters) is
+        updated in place like ``nnx.value_and_grad`` does.
+
+    Returns:
+      ``(value, grads, captures)``: ``value`` is ``loss`` or ``(loss, aux)``, ``grads``
+      an ``nnx.State`` of the parameters, ``captures`` maps layer paths to
+      :class:`LayerCapture`.
+    """
+    _warn_unsupported(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    value, grads, captures, new_rest = functional_value_and_grad(
+        loss_fn, graphdef, params, rest, args, kwargs, has_aux=has_aux, capture=True)
+    nnx.update(model, new_rest)
+    return value, grads, captures

@@ -1,0 +1,820 @@
+r"""Structured square matrices for SINGD's Kronecker factors :math:`K` and :math:`C`.
+
+Every class represents a :math:`d \times d` matrix :math:`S` drawn from a set that is
+closed under addition and multiplication (a matrix group once invertible), stored with
+fewer than :math:`d^2` numbers. The optimizer needs, for a structure :math:`S` and its
+projection :math:`P` (the orthogonal projection of a *symmetric* matrix onto the
+structure, off-diagonal mass folded by doubling where the structure is triangular):
+
+.. math::
+
+   \mathrm{from\_inner}(X) = P(S^\top X X^\top S), \qquad
+   \mathrm{from\_inner}() = P(S^\top S),
+
+plus :math:`S Y`, :math:`S^\top Y`, :math:`S_1 S_2` (stays in the structure),
+:math:`\operatorname{tr}(S)/d`, :math:`S + \alpha I`, sums, scalings and the largest
+absolute stored entry.
+
+All classes are JAX pytrees: the arrays are leaves, the dimension and block sizes are
+static, so structures go through ``jit``, ``lax.cond``, ``shard_map`` and orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class StructuredMatrix:
+    r"""Base class: a :math:`d \times d` matrix stored through a few arrays.
+
+    Subclasses list their array attributes in ``_array_fields`` and their static
+    (hashable) options in ``_static_fields``; ``dim`` is always static.
+    """
+
+    _array_fields: ClassVar[tuple[str, ...]] = ()
+    _static_fields: ClassVar[tuple[str, ...]] = ("dim",)
+    name: ClassVar[str] = "structured"
+    dim: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, cls._flatten_with_keys, cls._unflatten, cls._flatten
+        )
+
+    # -- pytree plumbing ------------------------------------------------------------
+    def _flatten(self):
+        children = tuple(getattr(self, f) for f in self._array_fields)
+        aux = tuple(getattr(self, f) for f in self._static_fields)
+        return children, aux
+
+    def _flatten_with_keys(self):
+        children = tuple(
+            (jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._array_fields
+        )
+        aux = tuple(getattr(self, f) for f in self._static_fields)
+        return children, aux
+
+    @classmethod
+    def _unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        for f, v in zip(cls._static_fields, aux, strict=True):
+            object.__setattr__(obj, f, v)
+        for f, v in zip(cls._array_fields, children, strict=True):
+            object.__setattr__(obj, f, v)
+        return obj
+
+    def _replace(self, **arrays: Any) -> StructuredMatrix:
+        children = tuple(arrays.get(f, getattr(self, f)) for f in self._array_fields)
+        aux = tuple(getattr(self, f) for f in self._static_fields)
+        return self._unflatten(aux, children)
+
+    def options(self) -> dict[str, Any]:
+        """The static options (besides ``dim``) that rebuild a matrix of this kind."""
+        return {f: getattr(self, f) for f in self._static_fields if f != "dim"}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{type(self).__name__}(dim={self.dim}{', ' if opts else ''}{opts})"
+
+    # -- constructors (subclasses implement from_dense and eye/zeros) ----------------
+    @classmethod
+    def from_dense(cls, sym_mat: Array, **options: Any) -> StructuredMatrix:
+        """The projection :math:`P(M)` of a symmetric dense matrix onto the structure."""
+        raise NotImplementedError
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: Any = jnp.float32, **options: Any) -> StructuredMatrix:
+        """The zero matrix."""
+        return cls.from_dense(jnp.zeros((dim, dim), dtype), **options)
+
+    @classmethod
+    def eye(cls, dim: int, dtype: Any = jnp.float32, **options: Any) -> StructuredMatrix:
+        """The identity matrix."""
+        return cls.zeros(dim, dtype, **options).add_diagonal(1.0)
+
+    @classmethod
+    def num_stored(cls, dim: int, **options: Any) -> int:
+        """How many numbers a ``dim x dim`` matrix of this structure stores."""
+        shapes = jax.eval_shape(lambda: cls.zeros(dim, jnp.float32, **options))
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+    def project(self, sym_mat: Array) -> StructuredMatrix:
+        """:math:`P(M)` with this matrix's structure and options."""
+        return type(self).from_dense(sym_mat, **self.options())
+
+    # -- operations -----------------------------------------------------------------
+    def to_dense(self) -> Array:
+        """The represented dense ``dim x dim`` matrix."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> Any:
+        return jax.tree.leaves(self)[0].dtype
+
+    def astype(self, dtype: Any) -> StructuredMatrix:
+        return jax.tree.map(lambda x: x.astype(dtype), self)
+
+    def matmat(self, mat: Array) -> Array:
+        """:math:`S Y` for a dense ``dim x n`` matrix ``Y``."""
+        return self.to_dense() @ mat
+
+    def rmatmat(self, mat: Array) -> Array:
+        r""":math:`S^\top Y` for a dense ``dim x n`` matrix ``Y``."""
+        return self.to_dense().T @ mat
+
+    def matmul(self, other: StructuredMatrix) -> StructuredMatrix:
+        """:math:`S_1 S_2` for two matrices of the same structure (stays in it)."""
+        raise NotImplementedError
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, StructuredMatrix):
+            return self.matmul(other)
+        return self.matmat(other)
+
+    def project_outer(self, mat: Array) -> StructuredMatrix:
+        r""":math:`P(Y Y^\top)` for a dense ``dim x n`` matrix ``Y``."""
+        return self.project(mat @ mat.T)
+
+    def from_inner(self, mat: Array | None = None) -> StructuredMatrix:
+        r""":math:`P(S^\top X X^\top S)`, or :math:`P(S^\top S)` when ``X`` is None."""
+        if mat is None:
+            return self.project_outer(self.to_dense().T)
+        return self.project_outer(self.rmatmat(mat))
+
+    def average_trace(self) -> Array:
+        r""":math:`\operatorname{tr}(S) / d`."""
+        return jnp.trace(self.to_dense()) / self.dim
+
+    def add_diagonal(self, value: Any) -> StructuredMatrix:
+        r""":math:`S + \alpha I`."""
+        raise NotImplementedError
+
+    def max_abs(self) -> Array:
+        """The largest absolute stored entry (the reference's infinity vector norm)."""
+        leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(self) if x.size > 0]
+        return jnp.max(jnp.stack(leaves))
+
+    def _check_same(self, other: StructuredMatrix) -> None:
+        if type(other) is not type(self) or other.options() != self.options() or (
+            other.dim != self.dim
+        ):
+            raise TypeError(f"cannot combine {self!r} with {other!r}: structures differ")
+
+    def __add__(self, other: StructuredMatrix) -> StructuredMatrix:
+        self._check_same(other)
+        return jax.tree.map(jnp.add, self, other)
+
+    def __sub__(self, other: StructuredMatrix) -> StructuredMatrix:
+        self._check_same(other)
+        return jax.tree.map(jnp.subtract, self, other)
+
+    def __mul__(self, scalar: Any) -> StructuredMatrix:
+        return jax.tree.map(lambda x: (x * scalar).astype(x.dtype), self)
+
+    __rmul__ = __mul__
+
+
+def _check_square(mat: Array, what: str = "matrix") -> int:
+    if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"{what} must be a square 2-D matrix, got shape {mat.shape}")
+    return mat.shape[0]
+
+
+def _eye_like(dim: int, dtype: Any) -> Array:
+    return jnp.eye(dim, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------
+class DenseMatrix(StructuredMatrix):
+    r"""A full :math:`d \times d` matrix. Memory: :math:`d^2` numbers."""
+
+    name = "dense"
+    _array_fields = ("mat",)
+
+    def __init__(self, mat: Array):
+        self.dim = _check_square(mat)
+        self.mat = mat
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array) -> DenseMatrix:
+        return cls(sym_mat)
+
+    def to_dense(self) -> Array:
+        return self.mat
+
+    def matmat(self, mat: Array) -> Array:
+        return self.mat @ mat
+
+    def rmatmat(self, mat: Array) -> Array:
+        return self.mat.T @ mat
+
+    def matmul(self, other: StructuredMatrix) -> DenseMatrix:
+        self._check_same(other)
+        return DenseMatrix(self.mat @ other.mat)
+
+    def from_inner(self, mat: Array | None = None) -> DenseMatrix:
+        if mat is None:
+            return DenseMatrix(self.mat.T @ self.mat)
+        s = self.mat.T @ mat
+        return DenseMatrix(s @ s.T)
+
+    def average_trace(self) -> Array:
+        return jnp.trace(self.mat) / self.dim
+
+    def add_diagonal(self, value: Any) -> DenseMatrix:
+        return DenseMatrix(self.mat + value * _eye_like(self.dim, self.mat.dtype))
+
+
+# ------------------------------------------------------------------------------------
+class DiagonalMatrix(StructuredMatrix):
+    r"""A diagonal matrix :math:`\operatorname{diag}(v)`. Memory: :math:`d` numbers."""
+
+    name = "diagonal"
+    _array_fields = ("diag",)
+
+    def __init__(self, diag: Array):
+        if diag.ndim != 1:
+            raise ValueError(f"diag must be 1-D, got shape {diag.shape}")
+        self.dim = diag.shape[0]
+        self.diag = diag
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array) -> DiagonalMatrix:
+        _check_square(sym_mat)
+        return cls(jnp.diag(sym_mat))
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: Any = jnp.float32) -> DiagonalMatrix:
+        return cls(jnp.zeros((dim,), dtype))
+
+    def to_dense(self) -> Array:
+        return jnp.diag(self.diag)
+
+    def matmat(self, mat: Array) -> Array:
+        return self.diag[:, None] * mat
+
+    rmatmat = matmat
+
+    def matmul(self, other: StructuredMatrix) -> DiagonalMatrix:
+        self._check_same(other)
+        return DiagonalMatrix(self.diag * other.diag)
+
+    def project_outer(self, mat: Array) -> DiagonalMatrix:
+        return DiagonalMatrix(jnp.sum(mat * mat, axis=1))
+
+    def from_inner(self, mat: Array | None = None) -> DiagonalMatrix:
+        sq = self.diag * self.diag
+        if mat is not None:
+            sq = sq * jnp.sum(mat * mat, axis=1)
+        return DiagonalMatrix(sq)
+
+    def average_trace(self) -> Array:
+        return jnp.mean(self.diag)
+
+    def add_diagonal(self, value: Any) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag + value)
+
+
+# ------------------------------------------------------------------------------------
+class BlockDiagonalMatrix(StructuredMatrix):
+    r"""Block-diagonal: :math:`\lfloor d/b \rfloor` blocks of size :math:`b` and one
+    remainder block of size :math:`d \bmod b`.
+
+    Memory: :math:`\lfloor d/b \rfloor b^2 + (d \bmod b)^2 \le d b` numbers.
+
+    The blocks are general (not symmetric) matrices, so :math:`S^\top Y` transposes
+    each block and :math:`P(S^\top S)` is built from :math:`B_i^\top B_i`. The PyTorch
+    reference (``singd`` 0.0.5) uses :math:`B_i Y` and :math:`B_i B_i^\top` instead,
+    which is only right for symmetric blocks; ``symmetric_blocks=True`` reproduces
+    that behaviour for comparisons.
+    """
+
+    name = "block_diagonal"
+    _array_fields = ("blocks", "last")
+    _static_fields = ("dim", "block_size", "symmetric_blocks")
+
+    def __init__(self, blocks: Array, last: Array, block_size: int = 30,
+                 symmetric_blocks: bool = False):
+        if blocks.ndim != 3 or blocks.shape[1:] != (block_size, block_size):
+            raise ValueError(
+                f"blocks must have shape (n, {block_size}, {block_size}), got {blocks.shape}"
+            )
+        r = _check_square(last, "last block")
+        if r >= block_size:
+            raise ValueError(f"last block must be smaller than {block_size}, got {r}")
+        self.dim = blocks.shape[0] * block_size + r
+        self.block_size = int(block_size)
+        self.symmetric_blocks = bool(symmetric_blocks)
+        self.blocks, self.last = blocks, last
+
+    @property
+    def _split(self) -> tuple[int, int]:
+        return self.dim // self.block_size, self.dim % self.block_size
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array, block_size: int = 30,
+                   symmetric_blocks: bool = False) -> BlockDiagonalMatrix:
+        d = _check_square(sym_mat)
+        n = d // block_size
+        nb = n * block_size
+        head = sym_mat[:nb, :nb].reshape(n, block_size, n, block_size)
+        idx = jnp.arange(n)
+        blocks = head[idx, :, idx, :]
+        return cls(blocks, sym_mat[nb:, nb:], block_size, symmetric_blocks)
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: Any = jnp.float32, block_size: int = 30,
+              symmetric_blocks: bool = False) -> BlockDiagonalMatrix:
+        n, r = divmod(dim, block_size)
+        return cls(jnp.zeros((n, block_size, block_size), dtype), jnp.zeros((r, r), dtype),
+                   block_size, symmetric_blocks)
+
+    def to_dense(self) -> Array:
+        n, _ = self._split
+        b = self.block_size
+        eye_n = jnp.eye(n, dtype=self.blocks.dtype)
+        head = jnp.einsum("nij,nm->nimj", self.blocks, eye_n).reshape(n * b, n * b)
+        return jax.scipy.linalg.block_diag(head, self.last)
+
+    def _blockwise(self, blocks: Array, last: Array, mat: Array, transpose: bool) -> Array:
+        n, _ = self._split
+        nb = n * self.block_size
+        head = mat[:nb].reshape(n, self.block_size, mat.shape[1])
+        spec = "nji,njk->nik" if transpose else "nij,njk->nik"
+        out_head = jnp.einsum(spec, blocks, head).reshape(nb, mat.shape[1])
+        out_last = (last.T if transpose else last) @ mat[nb:]
+        return jnp.concatenate([out_head, out_last], axis=0)
+
+    def matmat(self, mat: Array) -> Array:
+        return self._blockwise(self.blocks, self.last, mat, transpose=False)
+
+    def rmatmat(self, mat: Array) -> Array:
+        return self._blockwise(self.blocks, self.last, mat, transpose=not self.symmetric_blocks)
+
+    def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
+        self._check_same(other)
+        return self._replace(blocks=jnp.einsum("nij,njk->nik", self.blocks, other.blocks),
+                             last=self.last @ other.last)
+
+    def project_outer(self, mat: Array) -> BlockDiagonalMatrix:
+        n, _ = self._split
+        nb = n * self.block_size
+        head = mat[:nb].reshape(n, self.block_size, mat.shape[1])
+        return self._replace(blocks=jnp.einsum("nik,njk->nij", head, head),
+                             last=mat[nb:] @ mat[nb:].T)
+
+    def from_inner(self, mat: Array | None = None) -> BlockDiagonalMatrix:
+        if mat is not None:
+            return self.project_outer(self.rmatmat(mat))
+        if self.symmetric_blocks:  # the reference's B B^T
+            return self._replace(blocks=jnp.einsum("nij,nkj->nik", self.blocks, self.blocks),
+                                 last=self.last @ self.last.T)
+        return self._replace(blocks=jnp.einsum("nji,njk->nik", self.blocks, self.blocks),
+                             last=self.last.T @ self.last)
+
+    def average_trace(self) -> Array:
+        total = jnp.einsum("nii->", self.blocks) + jnp.trace(self.last)
+        return total / self.dim
+
+    def add_diagonal(self, value: Any) -> BlockDiagonalMatrix:
+        b, r = self.block_size, self.last.shape[0]
+        return self._replace(blocks=self.blocks + value * jnp.eye(b, dtype=self.blocks.dtype),
+                             last=self.last + value * jnp.eye(r, dtype=self.last.dtype))
+
+
+# ------------------------------------------------------------------------------------
+def _hierarchical_dims(dim: int, k1: int, k2: int) -> tuple[int, int, int]:
+    if dim <= k1:
+        return dim, 0, 0
+    if dim <= k1 + k2:
+        return k1, 0, dim - k1
+    return k1, dim - k1 - k2, k2
+
+
+class HierarchicalMatrix(StructuredMatrix):
+    r"""Hierarchical (arrowhead-like) matrix with blocks of sizes :math:`k_1, m, k_2`:
+
+    .. math::
+
+       S = \begin{pmatrix} A & B_m & B_e \\ 0 & \operatorname{diag}(c) & 0 \\
+           0 & D & E \end{pmatrix},\quad A \in \mathbb{R}^{k_1\times k_1},
+           E \in \mathbb{R}^{k_2\times k_2},\ m = d - k_1 - k_2.
+
+    A small ``d`` fills only ``A`` (``d <= k1``) or ``A, B, E`` (``d <= k1 + k2``).
+    Memory: :math:`k_1^2 + k_1(d-k_1) + m + k_2 m + k_2^2` numbers. The projection keeps
+    :math:`M_{11}, 2 M_{12}, \operatorname{diag}(M_{22}), 2 M_{32}, M_{33}`.
+    """
+
+    name = "hierarchical"
+    _array_fields = ("a", "b", "c", "d", "e")
+    _static_fields = ("dim", "k1", "k2")
+
+    def __init__(self, a: Array, b: Array, c: Array, d: Array, e: Array,
+                 k1: int = 15, k2: int = 15):
+        n1, nm, n2 = a.shape[0], c.shape[0], e.shape[0]
+        expected = {"a": (n1, n1), "b": (n1, nm + n2), "c": (nm,), "d": (n2, nm), "e": (n2, n2)}
+        for key, arr in zip("abcde", (a, b, c, d, e), strict=True):
+            if arr.shape != expected[key]:
+                raise ValueError(f"block {key} must have shape {expected[key]}, got {arr.shape}")
+        self.dim = n1 + nm + n2
+        if _hierarchical_dims(self.dim, k1, k2) != (n1, nm, n2):
+            raise ValueError(
+                f"blocks ({n1}, {nm}, {n2}) do not match dim={self.dim}, k1={k1}, k2={k2}"
+            )
+        self.k1, self.k2 = int(k1), int(k2)
+        self.a, self.b, self.c, self.d, self.e = a, b, c, d, e
+
+    @property
+    def _sizes(self) -> tuple[int, int, int]:
+        return _hierarchical_dims(self.dim, self.k1, self.k2)
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array, k1: int = 15, k2: int = 15) -> HierarchicalMatrix:
+        dim = _check_square(sym_mat)
+        n1, nm, _ = _hierarchical_dims(dim, k1, k2)
+        s = n1 + nm
+        return cls(sym_mat[:n1, :n1], 2 * sym_mat[:n1, n1:], jnp.diag(sym_mat)[n1:s],
+                   2 * sym_mat[s:, n1:s], sym_mat[s:, s:], k1, k2)
+
+    def to_dense(self) -> Array:
+        n1, nm, n2 = self._sizes
+        s = n1 + nm
+        out = jnp.zeros((self.dim, self.dim), self.a.dtype)
+        out = out.at[:n1, :n1].set(self.a).at[:n1, n1:].set(self.b)
+        idx = jnp.arange(n1, s)
+        out = out.at[idx, idx].set(self.c)
+        return out.at[s:, n1:s].set(self.d).at[s:, s:].set(self.e)
+
+    def _split_rows(self, mat: Array) -> tuple[Array, Array, Array]:
+        n1, nm, _ = self._sizes
+        return mat[:n1], mat[n1:n1 + nm], mat[n1 + nm:]
+
+    def matmat(self, mat: Array) -> Array:
+        n1, nm, _ = self._sizes
+        top, mid, bot = self._split_rows(mat)
+        b_m, b_e = self.b[:, :nm], self.b[:, nm:]
+        out_top = self.a @ top + b_m @ mid + b_e @ bot
+        out_mid = self.c[:, None] * mid
+        out_bot = self.d @ mid + self.e @ bot
+        return jnp.concatenate([out_top, out_mid, out_bot], axis=0)
+
+    def rmatmat(self, mat: Array) -> Array:
+        n1, nm, _ = self._sizes
+        top, mid, bot = self._split_rows(mat)
+        b_m, b_e = self.b[:, :nm], self.b[:, nm:]
+        out_top = self.a.T @ top
+        out_mid = b_m.T @ top + self.c[:, None] * mid + self.d.T @ bot
+        out_bot = b_e.T @ top + self.e.T @ bot
+        return jnp.concatenate([out_top, out_mid, out_bot], axis=0)
+
+    def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
+        self._check_same(other)
+        _, nm, _ = self._sizes
+        b_m, b_e = self.b[:, :nm], self.b[:, nm:]
+        ob_m, ob_e = other.b[:, :nm], other.b[:, nm:]
+        new_b = jnp.concatenate(
+            [self.a @ ob_m + b_m * other.c[None, :] + b_e @ other.d, self.a @ ob_e + b_e @ other.e],
+            axis=1,
+        )
+        return self._replace(a=self.a @ other.a, b=new_b, c=self.c * other.c,
+                             d=self.d * other.c[None, :] + self.e @ other.d, e=self.e @ other.e)
+
+    def project_outer(self, mat: Array) -> HierarchicalMatrix:
+        s_a, s_m, s_e = self._split_rows(mat)
+        return self._replace(
+            a=s_a @ s_a.T,
+            b=2 * jnp.concatenate([s_a @ s_m.T, s_a @ s_e.T], axis=1),
+            c=jnp.sum(s_m * s_m, axis=1),
+            d=2 * s_e @ s_m.T,
+            e=s_e @ s_e.T,
+        )
+
+    def from_inner(self, mat: Array | None = None) -> HierarchicalMatrix:
+        if mat is not None:
+            return self.project_outer(self.rmatmat(mat))
+        _, nm, _ = self._sizes
+        b_m, b_e = self.b[:, :nm], self.b[:, nm:]
+        return self._replace(
+            a=self.a.T @ self.a,
+            b=2 * self.a.T @ self.b,
+            c=self.c ** 2 + jnp.sum(b_m ** 2, axis=0) + jnp.sum(self.d ** 2, axis=0),
+            d=2 * (b_e.T @ b_m + self.e.T @ self.d),
+            e=self.e.T @ self.e + b_e.T @ b_e,
+        )
+
+    def average_trace(self) -> Array:
+        return (jnp.trace(self.a) + jnp.sum(self.c) + jnp.trace(self.e)) / self.dim
+
+    def add_diagonal(self, value: Any) -> HierarchicalMatrix:
+        n1, _, n2 = self._sizes
+        return self._replace(a=self.a + value * jnp.eye(n1, dtype=self.a.dtype),
+                             c=self.c + value,
+                             e=self.e + value * jnp.eye(n2, dtype=self.e.dtype))
+
+
+# ------------------------------------------------------------------------------------
+def _diagonal_sums(mat: Array) -> Array:
+    """Sums of the diagonals of a square matrix, for offsets ``i - j = -(d-1)..(d-1)``."""
+    d = mat.shape[0]
+    offsets = jnp.arange(d)[:, None] - jnp.arange(d)[None, :] + (d - 1)
+    return jax.ops.segment_sum(mat.ravel(), offsets.ravel(), num_segments=2 * d - 1)
+
+
+class _ToeplitzMatrix(StructuredMatrix):
+    """Triangular Toeplitz matrix stored by its ``d`` diagonal coefficients."""
+
+    _array_fields = ("coeffs",)
+    lower: ClassVar[bool]
+
+    def __init__(self, coeffs: Array):
+        if coeffs.ndim != 1:
+            raise ValueError(f"coeffs must be 1-D, got shape {coeffs.shape}")
+        self.dim = coeffs.shape[0]
+        self.coeffs = coeffs
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array) -> _ToeplitzMatrix:
+        d = _check_square(sym_mat)
+        sums = _diagonal_sums(sym_mat)
+        below = sums[d - 1:]  # offsets 0..d-1 (i - j >= 0)
+        above = sums[: d - 1][::-1]  # offsets -1..-(d-1)
+        folded = below.at[1:].add(above)
+        return cls(folded / jnp.arange(d, 0, -1, dtype=sym_mat.dtype))
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: Any = jnp.float32) -> _ToeplitzMatrix:
+        return cls(jnp.zeros((dim,), dtype))
+
+    def to_dense(self) -> Array:
+        d = self.dim
+        offset = jnp.arange(d)[:, None] - jnp.arange(d)[None, :]
+        if not self.lower:
+            offset = -offset
+        vals = self.coeffs[jnp.clip(offset, 0, d - 1)]
+        return jnp.where(offset >= 0, vals, jnp.zeros((), self.coeffs.dtype))
+
+    def matmul(self, other: StructuredMatrix) -> _ToeplitzMatrix:
+        self._check_same(other)
+        # Products of triangular Toeplitz matrices are the truncated convolution.
+        full = jnp.convolve(self.coeffs, other.coeffs, mode="full")
+        return type(self)(full[: self.dim].astype(self.coeffs.dtype))
+
+    def project_outer(self, mat: Array) -> _ToeplitzMatrix:
+        return self.project(mat @ mat.T)
+
+    def average_trace(self) -> Array:
+        return self.coeffs[0]
+
+    def add_diagonal(self, value: Any) -> _ToeplitzMatrix:
+        return type(self)(self.coeffs.at[0].add(value))
+
+
+class TrilToeplitzMatrix(_ToeplitzMatrix):
+    r"""Lower-triangular Toeplitz: :math:`S_{ij} = t_{i-j}` for :math:`i \ge j`.
+
+    Memory: :math:`d` numbers. Projection: :math:`t_0` is the mean of the diagonal,
+    :math:`t_k` is (sum of sub-diagonal :math:`k` + sum of super-diagonal :math:`k`)
+    divided by :math:`d-k`.
+    """
+
+    name = "tril_toeplitz"
+    lower = True
+
+
+class TriuToeplitzMatrix(_ToeplitzMatrix):
+    r"""Upper-triangular Toeplitz: :math:`S_{ij} = t_{j-i}` for :math:`j \ge i`.
+
+    Memory: :math:`d` numbers; the projection folds like :class:`TrilToeplitzMatrix`.
+    """
+
+    name = "triu_toeplitz"
+    lower = False
+
+
+# ------------------------------------------------------------------------------------
+class _TriangularDiagonalMatrix(StructuredMatrix):
+    r"""A diagonal plus one dense row or column at index ``s`` (first or last), kept
+    triangular. Memory: :math:`2d - 1` numbers (the diagonal and the off-diagonal
+    entries of the special row/column). The projection folds the off-diagonal mass:
+    :math:`v_j = M_{sj} + M_{js}`.
+    """
+
+    _array_fields = ("diag", "offdiag")
+    lower: ClassVar[bool]
+    special_last: ClassVar[bool]
+
+    def __init__(self, diag: Array, offdiag: Array):
+        if diag.ndim != 1 or offdiag.shape != (max(diag.shape[0] - 1, 0),):
+            raise ValueError(
+                f"diag must be 1-D (d,) and offdiag (d-1,), got {diag.shape}, {offdiag.shape}"
+            )
+        self.dim = diag.shape[0]
+        self.diag, self.offdiag = diag, offdiag
+
+    @classmethod
+    def _is_row(cls) -> bool:
+        # lower with the dense part at the end is a last row; upper at the start a first row
+        return cls.lower == cls.special_last
+
+    @classmethod
+    def _special(cls, dim: int) -> int:
+        return dim - 1 if cls.special_last else 0
+
+    @classmethod
+    def _pad(cls, offdiag: Array) -> Array:
+        """The full length-d vector with a zero at the special index."""
+        zero = jnp.zeros((1,), offdiag.dtype)
+        parts = [offdiag, zero] if cls.special_last else [zero, offdiag]
+        return jnp.concatenate(parts)
+
+    @classmethod
+    def _unpad(cls, full: Array) -> Array:
+        return full[:-1] if cls.special_last else full[1:]
+
+    @classmethod
+    def from_dense(cls, sym_mat: Array) -> _TriangularDiagonalMatrix:
+        d = _check_square(sym_mat)
+        s = cls._special(d)
+        folded = sym_mat[s, :] + sym_mat[:, s]
+        return cls(jnp.diag(sym_mat), cls._unpad(folded))
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: Any = jnp.float32) -> _TriangularDiagonalMatrix:
+        return cls(jnp.zeros((dim,), dtype), jnp.zeros((max(dim - 1, 0),), dtype))
+
+    def to_dense(self) -> Array:
+        s = self._special(self.dim)
+        v = self._pad(self.offdiag)
+        out = jnp.diag(self.diag)
+        return out.at[s, :].add(v) if self._is_row() else out.at[:, s].add(v)
+
+    def _row_form_matmat(self, mat: Array) -> Array:
+        # (D + e_s v^T) Y
+        s = self._special(self.dim)
+        return (self.diag[:, None] * mat).at[s].add(self._pad(self.offdiag) @ mat)
+
+    def _col_form_matmat(self, mat: Array) -> Array:
+        # (D + v e_s^T) Y
+        s = self._special(self.dim)
+        return self.diag[:, None] * mat + self._pad(self.offdiag)[:, None] * mat[s][None, :]
+
+    def matmat(self, mat: Array) -> Array:
+        return self._row_form_matmat(mat) if self._is_row() else self._col_form_matmat(mat)
+
+    def rmatmat(self, mat: Array) -> Array:
+        return self._col_form_matmat(mat) if self._is_row() else self._row_form_matmat(mat)
+
+    def matmul(self, other: StructuredMatrix) -> _TriangularDiagonalMatrix:
+        self._check_same(other)
+        s = self._special(self.dim)
+        v1, v2 = self._pad(self.offdiag), self._pad(other.offdiag)
+        if self._is_row():  # (D1 + e v1^T)(D2 + e v2^T) = D1 D2 + e (D2 v1 + D1_s v2)^T
+            v = other.diag * v1 + self.diag[s] * v2
+        else:  # (D1 + v1 e^T)(D2 + v2 e^T) = D1 D2 + (D2_s v1 + D1 v2) e^T
+            v = other.diag[s] * v1 + self.diag * v2
+        return type(self)(self.diag * other.diag, self._unpad(v))
+
+    def project_outer(self, mat: Array) -> _TriangularDiagonalMatrix:
+        s = self._special(self.dim)
+        folded = 2 * (mat @ mat[s])
+        return type(self)(jnp.sum(mat * mat, axis=1), self._unpad(folded))
+
+    def average_trace(self) -> Array:
+        return jnp.mean(self.diag)
+
+    def add_diagonal(self, value: Any) -> _TriangularDiagonalMatrix:
+        return type(self)(self.diag + value, self.offdiag)
+
+
+class TrilTopLeftDiagonalMatrix(_TriangularDiagonalMatrix):
+    r"""Lower triangular :math:`\begin{pmatrix} \operatorname{diag}(a) & 0 \\ b^\top & c
+    \end{pmatrix}`: a diagonal top-left block and a dense last row."""
+
+    name = "tril_top_left_diagonal"
+    lower, special_last = True, True
+
+
+class TriuTopLeftDiagonalMatrix(_TriangularDiagonalMatrix):
+    r"""Upper triangular :math:`\begin{pmatrix} \operatorname{diag}(a) & b \\ 0 & c
+    \end{pmatrix}`: a diagonal top-left block and a dense last column."""
+
+    name = "triu_top_left_diagonal"
+    lower, special_last = False, True
+
+
+class TrilBottomRightDiagonalMatrix(_TriangularDiagonalMatrix):
+    r"""Lower triangular :math:`\begin{pmatrix} c & 0 \\ b & \operatorname{diag}(a)
+    \end{pmatrix}`: a dense first column and a diagonal bottom-right block."""
+
+    name = "tril_bottom_right_diagonal"
+    lower, special_last = True, False
+
+
+class TriuBottomRightDiagonalMatrix(_TriangularDiagonalMatrix):
+    r"""Upper triangular :math:`\begin{pmatrix} c & b^\top \\ 0 & \operatorname{diag}(a)
+    \end{pmatrix}`: a dense first row and a diagonal bottom-right block."""
+
+    name = "triu_bottom_right_diagonal"
+    lower, special_last = False, False
+
+
+# ------------------------------------------------------------------------------------
+STRUCTURE_CLASSES: dict[str, type[StructuredMatrix]] = {
+    cls.name: cls
+    for cls in (
+        DenseMatrix,
+        DiagonalMatrix,
+        BlockDiagonalMatrix,
+        HierarchicalMatrix,
+        TrilToeplitzMatrix,
+        TriuToeplitzMatrix,
+        TrilTopLeftDiagonalMatrix,
+        TriuTopLeftDiagonalMatrix,
+        TrilBottomRightDiagonalMatrix,
+        TriuBottomRightDiagonalMatrix,
+    )
+}
+
+# The PyTorch reference's names.
+_REFERENCE_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "block30diagonal": ("block_diagonal", {"block_size": 30}),
+    "hierarchical15_15": ("hierarchical", {"k1": 15, "k2": 15}),
+    "triltoeplitz": ("tril_toeplitz", {}),
+    "triutoeplitz": ("triu_toeplitz", {}),
+    "triltopleftdiag": ("tril_top_left_diagonal", {}),
+    "triutopleftdiag": ("triu_top_left_diagonal", {}),
+    "trilbottomrightdiag": ("tril_bottom_right_diagonal", {}),
+    "triubottomrightdiag": ("triu_bottom_right_diagonal", {}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureSpec:
+    """A structure name with its options, e.g. ``StructureSpec("block_diagonal",
+    (("block_size", 10),))``; build one with :func:`structure`."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def cls(self) -> type[StructuredMatrix]:
+        return STRUCTURE_CLASSES[self.name]
+
+    def eye(self, dim: int, dtype: Any) -> StructuredMatrix:
+        return self.cls.eye(dim, dtype, **dict(self.options))
+
+    def zeros(self, dim: int, dtype: Any) -> StructuredMatrix:
+        return self.cls.zeros(dim, dtype, **dict(self.options))
+
+    def num_stored(self, dim: int) -> int:
+        return self.cls.num_stored(dim, **dict(self.options))
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.name}({opts})" if opts else self.name
+
+
+def structure(name: str | StructureSpec, **options: Any) -> StructureSpec:
+    """Resolve a structure name (ours or the reference's) and options into a spec.
+
+    Names: ``dense``, ``diagonal``, ``block_diagonal`` (``block_size=30``),
+    ``hierarchical`` (``k1=15, k2=15``), ``tril_toeplitz``, ``triu_toeplitz``,
+    ``tril_top_left_diagonal``, ``triu_top_left_diagonal``,
+    ``tril_bottom_right_diagonal``, ``triu_bottom_right_diagonal``; the reference's
+    ``block30diagonal``, ``hierarchical15_15``, ``triltoeplitz``, ``triutoeplitz``.
+    """
+    if isinstance(name, StructureSpec):
+        if not options:
+            return name
+        merged = dict(name.options) | options
+        return structure(name.name, **merged)
+    if not isinstance(name, str):
+        raise TypeError(f"a structure must be a name or StructureSpec, got {name!r}")
+    key = name.lower()
+    if key in _REFERENCE_ALIASES:
+        key, defaults = _REFERENCE_ALIASES[key]
+        options = defaults | options
+    if key not in STRUCTURE_CLASSES:
+        known = sorted(STRUCTURE_CLASSES) + sorted(_REFERENCE_ALIASES)
+        raise ValueError(f"unknown structure {name!r}; expected one of {known}")
+    cls = STRUCTURE_CLASSES[key]
+    allowed = set(cls._static_fields) - {"dim"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(
+            f"structure {key!r} got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    return StructureSpec(key, tuple(sorted(options.items())))
+
+
+StructureLike = str | StructureSpec
+StructureFactory = Callable[[int, Any], StructuredMatrix]
