@@ -147,7 +147,8 @@ def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometr
             path, value = bad[0]
             raise ValueError(
                 f"channel_dims: the spec leaf at {_path_str(path) or '<root>'} is "
-                f"{value!r}; expected ChannelDims(...) or None."
+                f"{value!r}; expected ChannelDims(...) or None (wrap a tuple of axes, "
+                "e.g. ChannelDims((-1,)): JAX flattens a bare tuple into separate leaves)."
             )
         if len(spec_leaves) != len(flat_params):
             param_names = [_path_str(p) for p, _ in flat_params]
