@@ -41,9 +41,52 @@ from sing_jax._src.standardize import (
 # --- foundation optimizers: end ---
 
 # --- singd: begin ---
+from sing_jax._src.singd import (
+    LayerCapture,
+    LayerCurvature,
+    SINGDState,
+    accumulate_singd_stats,
+    capture_value_and_grad,
+    singd,
+    singd_curvature,
+    singd_report,
+    singd_value_and_grad,
+)
+from sing_jax._src.singd import structures as singd_structures
+
 # --- singd: end ---
 
 # --- recipes (schedules, regularizers, freezing, diagnostics): begin ---
+from sing_jax import schedules
+from sing_jax._src.diagnostics import (
+    DiagnosticsState,
+    GradNormMonitor,
+    RisingGradNorms,
+    diagnostics_metrics,
+    find_rising_grad_norms,
+    with_diagnostics,
+)
+from sing_jax._src.freezing import (
+    any_frozen,
+    finetune,
+    freeze,
+    freeze_all_but,
+    frozen_by_module_type,
+    frozen_by_regex,
+    frozen_norm_affine,
+    frozen_paths,
+    head_only,
+    reuse_layers,
+    unfreeze_top_blocks,
+)
+from sing_jax._src.regularizers import (
+    add_l1,
+    add_weight_decay,
+    clip_by_leaf_norm,
+    decay_mask,
+    incoming_weights,
+    max_norm,
+)
 # --- recipes: end ---
 
 __version__ = "0.1.0"
