@@ -74,3 +74,50 @@ def write_fake_svhn(root: pathlib.Path, sizes=(("train", 11), ("test", 5), ("ext
         scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
         out[split] = [(int(y[i, 0]) % 10, x[..., i]) for i in range(n)]
     return out
+
+
+def write_fake_imagenet_manual_dir(root: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """``ILSVRC2012_img_train.tar`` (a tar of per-synset tars) and ``ILSVRC2012_img_val.tar``.
+
+    Includes one of ImageNet's CMYK JPEGs and its PNG-in-disguise, under their real
+    names, so the builder's colour/format fixes run. Returns file name -> (height, width).
+    """
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(2012)
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+
+    def encoded(name, h, w, mode="RGB", fmt="JPEG"):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt)
+        sizes[name] = (h, w)
+        return buffer.getvalue()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    members = {
+        "n01440764": [("n01440764_0.JPEG", 40, 52, "RGB", "JPEG"),
+                      ("n02105855_2933.JPEG", 30, 33, "RGB", "PNG")],
+        "n01443537": [("n01443537_0.JPEG", 47, 50, "RGB", "JPEG"),
+                      ("n01739381_1309.JPEG", 36, 41, "CMYK", "JPEG")],
+    }  # fmt: skip
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for synset, files in members.items():
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for name, h, w, mode, fmt in files:
+                    add(inner, name, encoded(name, h, w, mode, fmt))
+            add(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val:
+        for i in range(1, 4):
+            name = f"ILSVRC2012_val_{i:08d}.JPEG"
+            add(val, name, encoded(name, 60, 45 + i))
+    return sizes

@@ -15,6 +15,7 @@ from tests._data_helpers import (  # noqa: E402
     session_data_dir,
     write_fake_cifar10,
     write_fake_cifar100_archive,
+    write_fake_imagenet_manual_dir,
     write_fake_svhn,
 )
 
@@ -108,6 +109,30 @@ def test_svhn_real_builder_from_mat_files(data_dir, tmp_path):
         src = sources[split]
         got = [(int(src[i]["label"]), src[i]["image"]) for i in range(len(src))]
         assert _as_multiset(got) == _as_multiset(expected[split])
+
+
+def test_imagenet_real_builder_from_manual_dir(tmp_path):
+    sizes = write_fake_imagenet_manual_dir(tmp_path / "manual")
+    sd.prepare("imagenet2012", tmp_path / "data", manual_dir=tmp_path / "manual")
+    sources = tfds.data_source("imagenet2012", data_dir=tmp_path / "data")
+    assert (len(sources["train"]), len(sources["validation"])) == (4, 3)
+    labels = {}
+    for split in ("train", "validation"):
+        for i in range(len(sources[split])):
+            ex = sources[split][i]
+            name = ex["file_name"].decode() if isinstance(ex["file_name"], bytes) else ex[
+                "file_name"]  # fmt: skip
+            # CMYK and PNG sources come out as 3-channel RGB of the original size
+            assert ex["image"].shape == (*sizes[name], 3) and ex["image"].dtype == np.uint8
+            labels[name] = int(ex["label"])
+    assert labels["n01440764_0.JPEG"] == labels["n02105855_2933.JPEG"] == 0  # synset order
+    assert labels["n01443537_0.JPEG"] == labels["n01739381_1309.JPEG"] == 1
+    assert "tensorflow" not in sys.modules
+    pipe = sd.get_pipeline("imagenet2012", "test", 2, data_dir=tmp_path / "data",
+                           num_local_devices=1, process_count=1, process_index=0)  # fmt: skip
+    batches = list(pipe)
+    assert [b["mask"].sum() for b in batches] == [2, 1]
+    assert batches[0]["image"].shape == (1, 2, 224, 224, 3)
 
 
 def test_unknown_dataset_lists_valid_names(data_dir):

@@ -4,10 +4,12 @@
 few TFDS *builders* still reach for TensorFlow while *writing* them. In
 tensorflow-datasets 4.9.10 exactly two calls do, for the datasets used here:
 
-* ``tf.io.gfile.GFile`` to open source files (``cifar.py``'s ``_load_data``,
-  ``svhn_cropped``'s ``_generate_examples``, ``imagenet_common.py``), and
+* ``tf.io.gfile`` to open source files (``cifar.py``'s ``_load_data``,
+  ``svhn_cropped``'s ``_generate_examples``, ``imagenet_common.py``, and the
+  archive iterator of ``tfds.download.extractor`` that ImageNet uses), and
 * ``tf.image.encode_png`` / ``encode_jpeg`` (through ``TFGraphRunner``) to encode
-  NumPy images for ``tfds.features.Image``.
+  NumPy images for ``tfds.features.Image`` (and, for ImageNet's few CMYK/PNG
+  files, ``tfds.core.utils.jpeg_cmyk_to_rgb`` / ``png_to_jpeg``).
 
 :func:`prepare` builds the *real* TFDS builder inside a scoped shim that, only
 while TensorFlow is not importable, replaces the first with ``etils.epath``
@@ -54,16 +56,31 @@ def _pil_encode(self, np_image):
     return buffer.getvalue()
 
 
+def _pil_reencode_jpeg(image_bytes: bytes, quality: int = 100) -> bytes:
+    """Stand-in for TFDS's ``png_to_jpeg`` / ``jpeg_cmyk_to_rgb``: any image -> RGB JPEG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def _gfile_namespace() -> types.SimpleNamespace:
     def gfile_open(path, mode="r"):
         return epath.Path(os.fspath(path)).open(mode)
+
+    def as_text(value):
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
     gfile = types.SimpleNamespace(
         GFile=gfile_open,
         exists=lambda p: epath.Path(os.fspath(p)).exists(),
         listdir=lambda p: [q.name for q in epath.Path(os.fspath(p)).iterdir()],
     )
-    return types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile))
+    return types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=gfile), compat=types.SimpleNamespace(as_text=as_text)
+    )
 
 
 _MODULES_USING_TF_GFILE = (
@@ -71,6 +88,7 @@ _MODULES_USING_TF_GFILE = (
     "tensorflow_datasets.datasets.svhn_cropped.svhn_cropped_dataset_builder",
     "tensorflow_datasets.datasets.imagenet2012.imagenet2012_dataset_builder",
     "tensorflow_datasets.datasets.imagenet2012.imagenet_common",
+    "tensorflow_datasets.core.download.extractor",
 )
 
 
@@ -82,6 +100,7 @@ def tensorflow_free_build() -> Iterator[None]:
         return
     import importlib
 
+    from tensorflow_datasets.core import utils as tfds_utils
     from tensorflow_datasets.core.features import image_feature
 
     shim = _gfile_namespace()
@@ -89,6 +108,9 @@ def tensorflow_free_build() -> Iterator[None]:
         stack.enter_context(
             mock.patch.object(image_feature._ImageEncoder, "_encode_image", _pil_encode)
         )
+        # ImageNet's 22 CMYK JPEGs and 1 PNG are re-encoded as RGB JPEG.
+        for fn in ("png_to_jpeg", "jpeg_cmyk_to_rgb"):
+            stack.enter_context(mock.patch.object(tfds_utils, fn, _pil_reencode_jpeg))
         for name in _MODULES_USING_TF_GFILE:
             module = importlib.import_module(name)
             stack.enter_context(mock.patch.object(module, "tf", shim))
