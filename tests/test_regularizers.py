@@ -248,3 +248,53 @@ def test_no_warning_when_patterns_match():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sing_jax.decay_mask(exclude=r"head/.*")(params)
+
+
+def test_global_and_leaf_norm_clipping_do_not_change_sing_updates():
+    # The README's claim: SING normalises each leaf, undoing any rescaling of a leaf.
+    rng = np.random.default_rng(4)
+    params = {"k": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    grads = jax.tree.map(lambda p: 50.0 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                         params)
+    plain = sing_jax.sing(1e-2)
+    ref, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    for clip in (optax.clip_by_global_norm(1.0), sing_jax.clip_by_leaf_norm(0.5)):
+        tx = optax.chain(clip, sing_jax.sing(1e-2))
+        out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), out, ref)
+    # Clipping by value changes the direction, and so the update.
+    tx = optax.chain(optax.clip(1.0), sing_jax.sing(1e-2))
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert not np.allclose(out["k"], ref["k"], rtol=1e-3)
+
+
+def test_readme_chain_order():
+    rng = np.random.default_rng(5)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+                        "bias": jnp.zeros((4,))}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), sing_jax.add_l1(1e-5),
+                     optax.adamw(0.5, weight_decay=1e-4, mask=sing_jax.decay_mask()),
+                     sing_jax.max_norm(1.0))
+    state, update = tx.init(params), jax.jit(tx.update)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                             params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    norms = np.linalg.norm(np.asarray(params["dense"]["kernel"]), axis=0)
+    assert np.all(norms <= 1.0 + 1e-6) and np.any(norms > 0.99)
+    # Seed 004's recipe: the inner optimizer only steps every 8th call.
+    steps_per_epoch = 10
+    lr = sing_jax.schedules.damped_cosine(5e-3, total_epochs=300,
+                                          steps_per_epoch=steps_per_epoch)
+    tx = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(14.0),
+                                      optax.lamb(lr, weight_decay=0.02,
+                                                 mask=sing_jax.decay_mask())),
+                          every_k_schedule=8)
+    state, update = tx.init(params), jax.jit(tx.update)
+    moved = []
+    for _ in range(16):
+        updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+        moved.append(bool(np.any(np.asarray(updates["dense"]["kernel"]) != 0)))
+    assert moved == [False] * 7 + [True] + [False] * 7 + [True]
