@@ -21,7 +21,7 @@ decoding is, if anything, slower than on the real data.
 
 Usage::
 
-    python experiments/bench_data.py            # ~3-4 minutes on 2 CPU cores
+    python experiments/bench_data.py            # ~4 minutes on 2 busy CPU cores
     python experiments/bench_data.py --quick    # a smoke run
 
 The last line is the headline ratio: CIFAR pipeline images/s over ResNet-20
@@ -184,14 +184,14 @@ def main() -> None:
         model = resnet20(10, rngs=nnx.Rngs(0))
         step, state = _train_step_and_state(model, batch)
         fixed = next(iter(sd.get_pipeline("cifar10", "train", batch, seed=1, **common)))
-        r20_rate, state = _step_rate(step, state, fixed, 3 if quick else 15)
+        r20_rate, state = _step_rate(step, state, fixed, 3 if quick else 10)
         rows.append(("ResNet-20 train step, fixed batch", batch, r20_rate))
-        fed_rate, wait_share = _fed_loop(step, state, pipe, 3 if quick else 15)
+        fed_rate, wait_share = _fed_loop(step, state, pipe, 3 if quick else 10)
         rows.append(("ResNet-20 step fed by the pipeline", batch, fed_rate))
         del state, step
 
         if not args.skip_imagenet:
-            ib = 16 if quick else 32
+            ib = 16
             src = _JpegImagenetSource(256)
 
             def as_data_source_fn(builder, split, **kwargs):
@@ -209,7 +209,7 @@ def main() -> None:
                 ifixed = next(iter(ipipe))
             model = resnet18(1000, variant="imagenet", rngs=nnx.Rngs(0))
             step, state = _train_step_and_state(model, ib)
-            r18_rate, state = _step_rate(step, state, ifixed, 1 if quick else 3)
+            r18_rate, state = _step_rate(step, state, ifixed, 1 if quick else 2)
             rows.append(("ResNet-18 (ImageNet) train step 224px, fixed batch", ib, r18_rate))
 
     print(f"\nmachine: {os.cpu_count()} CPU cores, jax devices: {jax.devices()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -135,6 +136,7 @@ def test_resume_from_iterator_state_matches_never_stopping(data_dir):
     first, it = _take(sd.get_pipeline("digits", "train", 128, **kw), 8)
     state = it.get_state()
     del it
+    state = json.loads(json.dumps(state))  # a plain JSON value: stored with the checkpoint
     resumed_it = iter(sd.get_pipeline("digits", "train", 128, **kw))
     resumed_it.set_state(state)
     resumed, _ = _take(None, 6, resumed_it)
@@ -154,6 +156,10 @@ def test_batch_split_errors_name_the_numbers(data_dir):
                         process_count=2, num_local_devices=1)  # fmt: skip
     with pytest.raises(ValueError, match="unknown split 'val'"):
         sd.get_pipeline("digits", "val", 8, data_dir=data_dir)
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\), got 1.5"):
+        sd.get_info("digits", data_dir=data_dir, validation_fraction=1.5)
+    with pytest.raises(ValueError, match=r"split 'validation' of dataset 'digits' is empty"):
+        sd.get_pipeline("digits", "validation", 8, data_dir=data_dir, validation_fraction=0.0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         sd.get_pipeline("digits", "validation", 128, train=True, data_dir=data_dir)
 

@@ -183,11 +183,6 @@ def _split_source(name: str, split: str, sources, validation_fraction: float | N
         return source, np.arange(len(source))
     source = sources[spec.train_split]
     train_idx, val_idx = _split_indices(len(source), fraction)
-    if split == "validation" and len(val_idx) == 0:
-        raise ValueError(
-            f"dataset {name!r} has no 'validation' split with validation_fraction={fraction}; "
-            "pass validation_fraction > 0 or use split='test'"
-        )
     return source, (train_idx if split == "train" else val_idx)
 
 
@@ -203,12 +198,10 @@ def get_info(
 
 def _info(name: str, sources, validation_fraction: float | None) -> DatasetInfo:
     spec = _spec(name)
-    counts = {}
-    for split in SPLITS:
-        try:
-            counts[split] = len(_split_source(name, split, sources, validation_fraction)[1])
-        except ValueError:
-            counts[split] = 0
+    counts = {
+        split: len(_split_source(name, split, sources, validation_fraction)[1])
+        for split in SPLITS
+    }
     return DatasetInfo(name, spec.num_classes, spec.image_shape, counts, spec)
 
 
@@ -424,6 +417,12 @@ def get_pipeline(
     source, indices = _split_source(name, split, sources, validation_fraction)
     info = _info(name, sources, validation_fraction)
     n = len(indices)
+    if n == 0:
+        raise ValueError(
+            f"split {split!r} of dataset {name!r} is empty (validation_fraction="
+            f"{spec.validation_fraction if validation_fraction is None else validation_fraction})"
+            "; pass validation_fraction > 0 for a validation split, or use split='test'"
+        )
     if train:
         steps_per_epoch = n // global_batch_size
         if steps_per_epoch == 0:
