@@ -299,6 +299,16 @@ def mixup_cutmix(
     return mixed, soft
 
 
+def mix_batch(rng, batch: dict, num_classes: int, **kwargs) -> dict:
+    """:func:`mixup_cutmix` on a pipeline batch: mixes ``'image'``, adds ``'soft_label'``.
+
+    ``batch`` is ``{'image': (..., B, H, W, C), 'label': (..., B), ...}``; the other
+    entries pass through. Train with a soft-target cross-entropy on ``'soft_label'``.
+    """
+    images, soft = mixup_cutmix(rng, batch["image"], batch["label"], num_classes, **kwargs)
+    return {**batch, "image": images, "soft_label": soft}
+
+
 def random_crop_flip_on_device(rng, images, padding: int = 4):
     """The CIFAR crop/flip of :func:`random_crop_flip` on device with dm-pix.
 

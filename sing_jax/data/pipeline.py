@@ -59,6 +59,8 @@ class DatasetSpec:
       scale: factor of the ``'scale'`` preprocessing.
       mean, std: per-channel constants of the ``'cifar'``/``'imagenet'`` normalisation.
       prepare_hint: how to build the data when it is missing.
+      mixup_alpha, cutmix_alpha, label_smoothing: the recipe's on-device mixing
+        (:func:`sing_jax.data.augment.mix_batch`); all 0 where the recipe has none.
     """
 
     tfds_name: str
@@ -72,6 +74,9 @@ class DatasetSpec:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     prepare_hint: str = ""
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
 
 
 _CIFAR_HINT = (
@@ -98,7 +103,8 @@ DATASETS: dict[str, DatasetSpec] = {
                                     name="svhn_cropped",
                                     archive="train_32x32.mat, test_32x32.mat, extra_32x32.mat")),
     "imagenet2012": DatasetSpec("imagenet2012", "train", "validation", 1000, (224, 224, 3),
-                                "imagenet", validation_fraction=0.0,
+                                "imagenet", validation_fraction=0.0, mixup_alpha=0.1,
+                                cutmix_alpha=1.0, label_smoothing=0.1,
                                 mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD,
                                 prepare_hint=(
                                     "ImageNet cannot be downloaded: put ILSVRC2012_img_train.tar "
