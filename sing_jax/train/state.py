@@ -96,14 +96,35 @@ class TrainState:
         return model
 
     def arrays(self) -> dict[str, Any]:
-        """The array part as a plain dict (what a checkpoint stores)."""
-        return {"step": self.step, "params": self.params, "model_state": self.model_state,
-                "opt_state": self.opt_state, "rng": self.rng,
+        """The array part as a plain dict (what a checkpoint stores).
+
+        Typed PRNG keys (the RNG streams of dropout layers) are stored as raw key data.
+        """
+        return {"step": self.step, "params": self.params,
+                "model_state": jax.tree.map(_key_data, self.model_state),
+                "opt_state": jax.tree.map(_key_data, self.opt_state), "rng": self.rng,
                 "epoch_metrics": self.epoch_metrics}
 
     def with_arrays(self, arrays: dict[str, Any]) -> TrainState:
         """This state with its array part replaced by ``arrays`` (from :meth:`arrays`)."""
+        arrays = dict(arrays)
+        for name in ("model_state", "opt_state"):
+            arrays[name] = jax.tree.map(_like_key, arrays[name], getattr(self, name))
         return self.replace(**arrays)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(x: Any) -> Any:
+    return jax.random.key_data(x) if _is_key(x) else x
+
+
+def _like_key(x: Any, template: Any) -> Any:
+    if _is_key(template) and not _is_key(x):
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(template))
+    return x
 
 
 def num_params(state: TrainState) -> int:

@@ -138,15 +138,16 @@ class StepOptions:
       label_smoothing: label smoothing of the cross-entropy.
       grad_norms: also return the global gradient norm and one norm per leaf path
         (``grad_norm/<path>``).
-      aux_loss: optional ``(model, batch) -> scalar`` added to the loss (called after
-        the forward pass, e.g. a regulariser reading sown intermediates).
+      aux_loss: optional ``(model, images) -> (logits, extra_loss)`` used instead of
+        ``model(images)``; ``extra_loss`` is added to the cross-entropy (e.g. the
+        LearnableScaler recipe's feature-decay and attention losses).
     """
 
     sync_batch_stats: bool = True
     compute_dtype: Any = None
     label_smoothing: float = 0.0
     grad_norms: bool = False
-    aux_loss: Callable[[nnx.Module, Batch], jax.Array] | None = None
+    aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
 
 def _leaf_grad_norms(grads: Any) -> dict[str, jax.Array]:
@@ -172,10 +173,13 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
         if options.compute_dtype is not None:
             params = _cast_floating(params, options.compute_dtype)
         model = nnx.merge(state.graphdef, params, state.model_state)
-        logits = model(images)
+        if options.aux_loss is None:
+            logits = model(images)
+        else:
+            logits, extra = options.aux_loss(model, images)
         loss, sums = classification_sums(logits, labels, weights, options.label_smoothing)
         if options.aux_loss is not None:
-            loss = loss + options.aux_loss(model, batch).astype(jnp.float32)
+            loss = loss + extra.astype(jnp.float32)
         new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
         return loss, (sums, new_model_state)
 
@@ -257,9 +261,20 @@ class ParallelStep:
             lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), state)
 
     def place_batch(self, batch: Batch) -> Batch:
-        """Shards a process-local batch over the devices (leading axis)."""
-        first = next(iter(batch.values()))
-        local = int(np.shape(first)[0])
+        """Shards a process-local batch over the devices.
+
+        ``batch`` leaves are ``(local_batch, ...)``, or ``(local_devices, per_device,
+        ...)`` as :mod:`sing_jax.data` yields them (recognised by 2-D labels).
+        """
+        batch = dict(batch)
+        if np.ndim(batch["label"]) == 2:
+            devices = int(np.shape(batch["label"])[0])
+            if devices != self.num_local_shards:
+                raise ValueError(f"the batch has a leading device axis of {devices} but the "
+                                 f"step runs on {self.num_local_shards} local devices")
+            batch = {k: np.reshape(np.asarray(v), (-1,) + np.shape(v)[2:])
+                     for k, v in batch.items()}
+        local = int(np.shape(batch["label"])[0])
         check_global_batch(local, self.num_local_shards,
                            "batch size per process" if jax.process_count() > 1
                            else "batch_size")
@@ -268,7 +283,7 @@ class ParallelStep:
                     for k, v in batch.items()}
         sharding = NamedSharding(self.mesh, P(AXIS))
         if jax.process_count() == 1:
-            return jax.device_put(dict(batch), sharding)
+            return jax.device_put(batch, sharding)
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
                 for k, v in batch.items()}
 

@@ -1,0 +1,377 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run from a config.
+
+Builds the data pipelines (:mod:`sing_jax.data`), the model (:mod:`sing_jax.nn.models`)
+and the optimizer (:mod:`sing_jax.train.optimizers`), claims the workdir, restores
+the latest checkpoint if there is one (an exact resume: parameters, optimizer and
+BatchNorm state, RNG, data-iterator position and the epoch's running metrics),
+then trains with the data-parallel step, evaluating on the validation and test
+splits after each epoch. See :func:`default_config` for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sing_jax.train import checkpoint as ckpt_lib
+from sing_jax.train import logging as log_lib
+from sing_jax.train import optimizers, registry
+from sing_jax.train.state import TrainState, num_params, zero_epoch_metrics
+from sing_jax.train.step import (
+    PARALLEL_MODES,
+    StepOptions,
+    check_global_batch,
+    data_mesh,
+    make_eval_step,
+    make_train_step,
+    set_batch_norm_axis,
+    to_host,
+)
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+# Sections whose keys are checked by their own builder (model, optimizer, schedule).
+OPEN_SECTIONS = ("model", "optimizer", "schedule")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the loop reads, with its default. Experiment configs start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="digits",
+        data_dir="",                 # '' = $SING_JAX_DATA_DIR or TFDS's default
+        validation_fraction=-1.0,    # < 0 = the dataset's default hold-out
+        augment=True,
+    ))
+    c.model = ml_collections.ConfigDict(dict(name="small_cnn"))  # + the model's kwargs
+    c.optimizer = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3))
+    c.schedule = ml_collections.ConfigDict(dict(name="constant"))
+    c.batch_size = 128               # global (all devices, all processes) per step
+    c.eval_batch_size = 256
+    c.num_epochs = 10
+    c.parallel = "shard_map"         # or 'pmap'
+    c.num_devices = 0                # 0 = every device
+    c.sync_batch_stats = True
+    c.compute_dtype = "float32"      # or 'bfloat16' (float32 master weights)
+    c.label_smoothing = 0.0
+    # LearnableScaler ViT recipe (seed 004): weights of the model's auxiliary losses.
+    c.aux_loss = ml_collections.ConfigDict(dict(feature_decay=0.0, attn_extra=0.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=0,               # 0 = at epoch ends only
+        max_to_keep=2,
+        async_save=True,
+    ))
+    c.logging = ml_collections.ConfigDict(dict(
+        every_steps=20,
+        grad_norms=False,            # per-leaf gradient norms in the train records
+        tensorboard=True,
+        progress=True,
+        plot=True,
+    ))
+    return c
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def validate_config(config: Any) -> None:
+    """A ValueError naming any key the loop does not know (a typo is never ignored)."""
+    given, known = _as_dict(config), _as_dict(default_config())
+
+    def walk(g: Mapping[str, Any], k: Mapping[str, Any], prefix: str) -> None:
+        for key, value in g.items():
+            name = f"{prefix}{key}"
+            if key not in k:
+                raise ValueError(f"config key {name!r} is unknown; valid keys here: "
+                                 f"{sorted(k)}")
+            if prefix == "" and key in OPEN_SECTIONS:
+                continue
+            if isinstance(k[key], Mapping):
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"config key {name!r} must be a section, got {value!r}")
+                walk(value, k[key], name + ".")
+
+    walk(given, known, "")
+    if given.get("parallel", "shard_map") not in PARALLEL_MODES:
+        raise ValueError(f"config.parallel={given['parallel']!r}; expected one of "
+                         f"{PARALLEL_MODES}")
+    if given.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype={given['compute_dtype']!r}; expected one of "
+                         f"{sorted(COMPUTE_DTYPES)}")
+
+
+def _merged(config: Any) -> ml_collections.ConfigDict:
+    base = default_config()
+    given = _as_dict(config)
+    merged = _as_dict(base)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and key not in OPEN_SECTIONS:
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return ml_collections.ConfigDict(merged)
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a run reports at the end (also the last ``'summary'`` record of the JSONL)."""
+
+    steps: int
+    epochs: int
+    final_test_accuracy: float
+    best_valid_epoch: int | None
+    best_valid_accuracy: float | None
+    test_accuracy_at_best_valid: float | None
+    step_time_s: float
+    images_per_s: float
+    compile_time_s: float
+    num_params: int
+    resumed_from_step: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _evaluate(eval_step, state, pipeline) -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+    for batch in pipeline:
+        sums = to_host(eval_step(state, batch))
+        for k in totals:
+            totals[k] += float(sums[k])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
+
+
+def _aux_loss_fn(config: ml_collections.ConfigDict):
+    weights = config.aux_loss
+    if not (weights.feature_decay or weights.attn_extra):
+        return None
+    from sing_jax.nn.models import learnable_scaler_aux_loss
+
+    def forward(model, images):
+        logits, aux = model(images, return_aux=True)
+        return logits, learnable_scaler_aux_loss(aux, feature_decay=weights.feature_decay,
+                                                 attn_extra=weights.attn_extra)
+
+    return forward
+
+
+def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
+                       quiet: bool = False) -> RunSummary:
+    """Trains and evaluates the model of ``config``, writing everything to ``workdir``.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` (or dict) with the keys of
+        :func:`default_config` (missing keys take the defaults, unknown keys are errors).
+      workdir: the run directory: ``config.json``, ``checkpoints/``,
+        ``metrics.jsonl``, ``tensorboard/``, ``curves.png``.
+      overwrite: replace another experiment's run in ``workdir`` instead of refusing.
+      quiet: no progress output.
+
+    Returns:
+      A :class:`RunSummary`.
+    """
+    import sing_jax.data as sdata
+
+    validate_config(config)
+    config = _merged(config)
+    is_main = jax.process_index() == 0
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if (is_main and not quiet) \
+        else (lambda *a: None)
+
+    devices = jax.devices()
+    if config.num_devices:
+        if jax.process_count() > 1:
+            raise ValueError("config.num_devices must be 0 (all) in a multi-process run")
+        if config.num_devices > len(devices):
+            raise ValueError(f"config.num_devices={config.num_devices} but only "
+                             f"{len(devices)} devices are visible")
+        devices = devices[:config.num_devices]
+    mesh = data_mesh(devices)
+    num_local = len(mesh.local_devices) if config.parallel == "shard_map" else len(
+        [d for d in devices if d.process_index == jax.process_index()])
+    check_global_batch(config.batch_size, len(devices), "config.batch_size")
+    check_global_batch(config.eval_batch_size, len(devices), "config.eval_batch_size")
+
+    # Data: sing_jax.data pipelines; the train stream is endless, epochs come from the step.
+    dataset = registry.resolve_dataset(config.dataset.name)
+    data_kwargs = dict(num_local_devices=num_local,
+                       data_dir=config.dataset.data_dir or None,
+                       validation_fraction=(None if config.dataset.validation_fraction < 0
+                                            else config.dataset.validation_fraction))
+    train_pipe = sdata.get_pipeline(dataset, "train", config.batch_size, seed=config.seed,
+                                    augment=config.dataset.augment, **data_kwargs)
+    info = train_pipe.info
+    valid_pipe = (sdata.get_pipeline(dataset, "validation", config.eval_batch_size,
+                                     **data_kwargs)
+                  if info.num_examples["validation"] > 0 else None)
+    test_pipe = sdata.get_pipeline(dataset, "test", config.eval_batch_size, **data_kwargs)
+    steps_per_epoch = train_pipe.steps_per_epoch
+    total_steps = steps_per_epoch * config.num_epochs
+
+    # Model and optimizer.
+    model_kwargs = {k: v for k, v in _as_dict(config.model).items() if k != "name"}
+    model = registry.build_model(config.model.name, info.num_classes, info.image_shape,
+                                 model_kwargs, config.seed)
+    accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
+    schedule = optimizers.build_schedule(config.schedule, config.optimizer.learning_rate,
+                                         max(1, steps_per_epoch // accum), config.num_epochs)
+    train_iter = iter(train_pipe)
+
+    def detect():
+        from flax import nnx
+
+        from sing_jax import detect_channel_dims
+
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        rest = rest.to_pure_dict()  # plain arrays: the probe's BatchNorm updates stay local
+
+        def apply(p, x):
+            m = nnx.merge(graphdef, p, rest)
+            m.train()
+            return m(x)
+
+        probe = next(iter(train_pipe))["image"]
+        probe = probe.reshape((-1,) + probe.shape[2:])
+        found = detect_channel_dims(apply, params.to_pure_dict(), probe)
+        say(found.report)
+        return found.spec
+
+    from flax import nnx
+
+    params_for_spec = nnx.state(model, nnx.Param).to_pure_dict()
+    tx = optimizers.build_optimizer(config.optimizer, schedule, params_for_spec,
+                                    detect_channel_dims=detect)
+    set_batch_norm_axis(model, config.sync_batch_stats)
+    state = TrainState.create(model, tx, rng=config.seed, data_state=train_iter.get_state())
+
+    # Workdir and checkpoints.
+    has_checkpoints = ckpt_lib.prepare_workdir(workdir, config, overwrite)
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+    logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
+                                   enabled=is_main)
+    resumed_from = None
+    if has_checkpoints:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state = restored
+            resumed_from = int(np.asarray(state.step))
+            train_iter.set_state(state.data_state)
+            logger.truncate_after(resumed_from)
+            say(f"resumed from step {resumed_from} in {workdir}")
+
+    options = StepOptions(sync_batch_stats=config.sync_batch_stats,
+                          compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+                          label_smoothing=config.label_smoothing,
+                          grad_norms=config.logging.grad_norms,
+                          aux_loss=_aux_loss_fn(config))
+    train_step = make_train_step(tx, parallel=config.parallel, mesh=mesh, options=options)
+    eval_step = make_eval_step(parallel=config.parallel, mesh=mesh)
+    state = train_step.place_state(state)
+    zeros = train_step.place_state(zero_epoch_metrics()) if config.parallel == "shard_map" \
+        else zero_epoch_metrics()
+
+    step = int(to_host(state.step))
+    say(f"{config.model.name} ({num_params(state):,} params) on {dataset}, "
+        f"{config.optimizer.name}, {len(devices)} device(s) via {config.parallel}, "
+        f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs")
+    compile_time, timed_steps, timed_seconds = 0.0, 0, 0.0
+    epoch_records = [r for r in log_lib.read_metrics(workdir) if r.get("kind") == "epoch"] \
+        if is_main else []
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            progress = log_lib.Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}",
+                                        every=max(1, steps_per_epoch // 4),
+                                        enabled=is_main and config.logging.progress and not quiet)
+            progress.count = step % steps_per_epoch
+            epoch_start, epoch_steps = time.perf_counter(), 0
+            while True:
+                batch = next(train_iter)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                step += 1
+                state = state.replace(data_state=train_iter.get_state())
+                if compile_time == 0.0:
+                    jax.block_until_ready(state.step)
+                    compile_time = time.perf_counter() - t0
+                    epoch_start = time.perf_counter()
+                else:
+                    epoch_steps += 1
+                end_of_epoch = step % steps_per_epoch == 0
+                if config.logging.every_steps and step % config.logging.every_steps == 0:
+                    host = to_host(metrics)
+                    record = {k: float(v) for k, v in host.items()}
+                    record["learning_rate"] = float(schedule(step // accum))
+                    record["epoch"] = step / steps_per_epoch
+                    logger.write(step, "train", record)
+                    progress.update(1, loss=record["loss"])
+                else:
+                    progress.update(1)
+                if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+                        and not end_of_epoch):
+                    checkpointer.save(state)
+                if end_of_epoch:
+                    break
+            progress.close()
+            jax.block_until_ready(state.step)
+            elapsed = time.perf_counter() - epoch_start
+            timed_steps += epoch_steps
+            timed_seconds += elapsed
+            sums = to_host(state.epoch_metrics)
+            count = max(float(sums["count"]), 1.0)
+            record = {"epoch": epoch + 1, "train_loss": float(sums["loss_sum"]) / count,
+                      "train_accuracy": float(sums["correct_sum"]) / count,
+                      "learning_rate": float(schedule(step // accum))}
+            if valid_pipe is not None:
+                valid = _evaluate(eval_step, state, valid_pipe)
+                record.update(valid_loss=valid["loss"], valid_accuracy=valid["accuracy"])
+            test = _evaluate(eval_step, state, test_pipe)
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            if epoch_steps:
+                record["step_time_s"] = elapsed / epoch_steps
+                record["images_per_s"] = config.batch_size * epoch_steps / elapsed
+            epoch_records.append(logger.write(step, "epoch", record))
+            say(f"epoch {epoch + 1}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy"))))
+            state = state.replace(epoch_metrics=jax.tree.map(jnp.copy, zeros))
+            checkpointer.save(state, valid_accuracy=record.get("valid_accuracy",
+                                                               record["test_accuracy"]))
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        logger.close()
+
+    best = None
+    scored = [r for r in epoch_records if "valid_accuracy" in r]
+    if scored:
+        best = max(scored, key=lambda r: (r["valid_accuracy"], -r["epoch"]))
+    step_time = timed_seconds / timed_steps if timed_steps else float("nan")
+    summary = RunSummary(
+        steps=step, epochs=config.num_epochs,
+        final_test_accuracy=epoch_records[-1]["test_accuracy"] if epoch_records else float("nan"),
+        best_valid_epoch=best["epoch"] if best else None,
+        best_valid_accuracy=best["valid_accuracy"] if best else None,
+        test_accuracy_at_best_valid=best["test_accuracy"] if best else None,
+        step_time_s=step_time,
+        images_per_s=config.batch_size / step_time if timed_steps else float("nan"),
+        compile_time_s=compile_time, num_params=num_params(state),
+        resumed_from_step=resumed_from)
+    if is_main:
+        log_lib.MetricsLogger(workdir, tensorboard=False).write(step, "summary",
+                                                                summary.as_dict())
+        if config.logging.plot and epoch_records:
+            log_lib.plot_curves({config.optimizer.name: epoch_records},
+                                f"{workdir}/curves.png",
+                                title=f"{config.model.name} on {dataset}")
+    return summary

@@ -1,0 +1,263 @@
+"""Optimizers and learning-rate schedules from a config.
+
+``config.optimizer`` names the optimizer and holds its keyword arguments; any key
+that the optimizer does not take is an error (a typo is never ignored)::
+
+    optimizer = dict(name='adamsrt', learning_rate=1e-3, b2=0.99, weight_decay=7.8125e-6,
+                     channel_dims='conv', clip_grad_norm=None, grad_accum_steps=1)
+
+Training-level keys, valid for every optimizer:
+
+- ``channel_dims``: which leaves are spherical (AdamS/AdamSRT/SGDMRT/AdamG only):
+  ``'none'`` (all Euclidean), ``'conv'`` (every kernel with ``ndim >= 3``, the seed
+  001 protocol: the conv layers followed by BatchNorm), ``'auto'``
+  (:func:`sing_jax.detect_channel_dims` on a training batch) or ``'rules'`` with
+  ``channel_rules = [(regex, axes | None), ...]`` over '/'-joined parameter paths;
+- ``clip_grad_norm``: clip the global gradient norm first (``None``/0: off);
+- ``grad_accum_steps``: ``optax.MultiSteps`` over that many micro-batches;
+- ``freeze``: a regex (or list) of parameter paths left untouched.
+
+``config.schedule`` is a learning-rate multiplier over epochs (see :func:`build_schedule`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sing_jax
+from sing_jax._src.channels import ChannelDims, channel_dims_from_rules, leaf_paths
+
+
+def _adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0):
+    """Adam with coupled L2 (``torch.optim.Adam``'s ``weight_decay``)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.adam(learning_rate, b1, b2, eps))
+
+
+def _adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+           weight_decay: float = 1e-2):
+    """AdamW, decoupled weight decay on every leaf (``torch.optim.AdamW``)."""
+    return optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay)
+
+
+def _sgd(learning_rate, momentum: float = 0.9, nesterov: bool = False,
+         weight_decay: float = 0.0):
+    """SGD with momentum and coupled L2 (``torch.optim.SGD``)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum or None, nesterov))
+
+
+def _lamb(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+          weight_decay: float = 0.0):
+    """LAMB, weight decay on leaves with ``ndim > 1``."""
+    return optax.lamb(learning_rate, b1, b2, eps, weight_decay=weight_decay,
+                      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+
+
+# name -> (constructor, takes channel_dims)
+OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation], bool]] = {
+    "adam": (_adam, False),
+    "adamw": (_adamw, False),
+    "sgd": (_sgd, False),
+    "lamb": (_lamb, False),
+    "sing": (sing_jax.sing, False),
+    "adams": (sing_jax.adams, True),
+    "adamsrt": (sing_jax.adamsrt, True),
+    "sgdmrt": (sing_jax.sgdmrt, True),
+    "adamg": (sing_jax.adamg, True),
+}
+TRAINING_KEYS = ("name", "learning_rate", "channel_dims", "channel_rules", "clip_grad_norm",
+                 "grad_accum_steps", "freeze")
+CHANNEL_DIMS_MODES = ("none", "conv", "auto", "rules")
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def optimizer_kwargs(opt_cfg: Any) -> tuple[str, dict[str, Any]]:
+    """The optimizer's name and constructor kwargs; errors on unknown names and keys."""
+    cfg = _as_dict(opt_cfg)
+    name = cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
+    constructor, _ = OPTIMIZERS[name]
+    accepted = [p for p in inspect.signature(constructor).parameters
+                if p not in ("learning_rate", "channel_dims")]
+    kwargs = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"config.optimizer: {name} takes no key(s) {unknown}; its keys are "
+                         f"{sorted(accepted)} plus {list(TRAINING_KEYS)}")
+    for key, value in kwargs.items():
+        if isinstance(value, list):  # ml_collections/JSON turn tuples into lists
+            kwargs[key] = tuple(value)
+    return name, kwargs
+
+
+def conv_kernels(params: Any) -> Any:
+    """Seed 001's channel-wise group: ``ChannelDims((-1,))`` for every leaf with ndim >= 3."""
+    return jax.tree.map(lambda p: ChannelDims((-1,)) if p.ndim >= 3 else None, params)
+
+
+def channel_dims_spec(opt_cfg: Any, params: Any,
+                      detect: Callable[[], Any] | None = None) -> Any:
+    """The channel spec tree the config asks for (``None`` for Euclidean everywhere)."""
+    cfg = _as_dict(opt_cfg)
+    mode = cfg.get("channel_dims", "none") or "none"
+    if mode not in CHANNEL_DIMS_MODES:
+        raise ValueError(f"config.optimizer.channel_dims={mode!r}; expected one of "
+                         f"{CHANNEL_DIMS_MODES}")
+    if mode == "none":
+        return None
+    if mode == "conv":
+        return conv_kernels(params)
+    if mode == "auto":
+        if detect is None:
+            raise ValueError("channel_dims='auto' needs a model and a batch to probe")
+        return detect()
+    rules = cfg.get("channel_rules") or ()
+    if not rules:
+        raise ValueError("channel_dims='rules' needs config.optimizer.channel_rules = "
+                         "[(regex, axes or None), ...]")
+    parsed = []
+    for rule in rules:
+        pattern, axes = rule
+        parsed.append((pattern, None if axes is None else ChannelDims(tuple(axes))))
+    return channel_dims_from_rules(params, parsed)
+
+
+def frozen_mask(patterns: str | Sequence[str], params: Any) -> Any:
+    """True for the leaves whose path fullmatches one of ``patterns``."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = [re.compile(p) for p in patterns]
+    paths = leaf_paths(params)
+    flags = [any(c.fullmatch(path) for c in compiled) for path in paths]
+    for c in compiled:
+        if not any(c.fullmatch(path) for path in paths):
+            raise ValueError(f"config.optimizer.freeze: pattern {c.pattern!r} matches no "
+                             f"parameter (paths look like {paths[:4]})")
+    return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params: Any, *,
+                    detect_channel_dims: Callable[[], Any] | None = None
+                    ) -> optax.GradientTransformation:
+    """The optimizer of ``opt_cfg`` with ``learning_rate`` (float or schedule).
+
+    Args:
+      opt_cfg: ``config.optimizer`` (see the module docstring).
+      learning_rate: the learning rate or schedule (of the optimizer's update count).
+      params: the parameters (for channel specs and masks).
+      detect_channel_dims: ``() -> spec``, used when ``channel_dims='auto'``.
+    """
+    cfg = _as_dict(opt_cfg)
+    name, kwargs = optimizer_kwargs(cfg)
+    constructor, takes_channel_dims = OPTIMIZERS[name]
+    spec_mode = cfg.get("channel_dims", "none") or "none"
+    if takes_channel_dims:
+        kwargs["channel_dims"] = channel_dims_spec(cfg, params, detect_channel_dims)
+    elif spec_mode != "none":
+        raise ValueError(f"config.optimizer.channel_dims={spec_mode!r} but {name} has no "
+                         "channel geometry; use one of adams, adamsrt, sgdmrt, adamg or "
+                         "channel_dims='none'")
+    tx = constructor(learning_rate, **kwargs)
+    clip = cfg.get("clip_grad_norm")
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    freeze = cfg.get("freeze")
+    if freeze:
+        mask = frozen_mask(freeze, params)
+        labels = jax.tree.map(lambda f: "frozen" if f else "trained", mask)
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    accum = int(cfg.get("grad_accum_steps", 1) or 1)
+    if accum < 1:
+        raise ValueError(f"config.optimizer.grad_accum_steps={accum}; expected an int >= 1")
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
+    return tx
+
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_constant_cosine", "step",
+             "custom")
+_SCHEDULE_KEYS = {
+    "constant": (),
+    "cosine": ("final_fraction",),
+    "warmup_cosine": ("warmup_fraction", "final_fraction"),
+    "warmup_constant_cosine": ("warmup_fraction", "constant_fraction", "final_fraction"),
+    "step": ("decay_epochs", "decay_factor"),
+    "custom": ("factor", "threshold"),
+}
+
+
+def build_schedule(schedule_cfg: Any, base_lr: float, steps_per_epoch: int,
+                   num_epochs: int) -> Callable[[jax.Array], jax.Array]:
+    """``step -> learning rate`` over the optimizer's update count.
+
+    Names: ``constant``; ``cosine`` (to ``final_fraction * base_lr``);
+    ``warmup_cosine`` (linear warmup over ``warmup_fraction`` of the steps, then
+    cosine); ``warmup_constant_cosine`` (warmup, constant for ``constant_fraction``,
+    cosine: seed 000's second recipe); ``step`` (x``decay_factor`` at each epoch in
+    ``decay_epochs``: seed 001's protocol); ``custom`` (seed 004's per-epoch schedule
+    with ``factor`` and ``threshold``, see the spec section 7).
+    """
+    cfg = _as_dict(schedule_cfg) if schedule_cfg is not None else {"name": "constant"}
+    name = cfg.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid names: {list(SCHEDULES)}")
+    extra = sorted(set(cfg) - {"name", *_SCHEDULE_KEYS[name]})
+    if extra:
+        raise ValueError(f"config.schedule: {name} takes no key(s) {extra}; its keys are "
+                         f"{list(_SCHEDULE_KEYS[name])}")
+    total = max(1, steps_per_epoch * num_epochs)
+    final = float(cfg.get("final_fraction", 0.0)) * base_lr
+    if name == "constant":
+        return optax.constant_schedule(base_lr)
+    if name == "cosine":
+        return optax.cosine_decay_schedule(base_lr, total, alpha=final / base_lr if base_lr
+                                           else 0.0)
+    warmup = int(round(float(cfg.get("warmup_fraction", 0.05)) * total))
+    if name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, base_lr, max(warmup, 1), total, final)
+    if name == "warmup_constant_cosine":
+        constant = int(round(float(cfg.get("constant_fraction", 0.6)) * total))
+        decay = max(total - warmup - constant, 1)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, base_lr, max(warmup, 1)),
+             optax.constant_schedule(base_lr),
+             optax.cosine_decay_schedule(base_lr, decay, alpha=final / base_lr if base_lr
+                                         else 0.0)],
+            [max(warmup, 1), max(warmup, 1) + constant])
+    if name == "step":
+        epochs = [int(e) for e in cfg.get("decay_epochs", ())]
+        factor = float(cfg.get("decay_factor", 0.1))
+        return optax.piecewise_constant_schedule(
+            base_lr, {e * steps_per_epoch: factor for e in epochs})
+    # custom (seed 004): evaluated per epoch, constant within an epoch.
+    factor = float(cfg.get("factor", 0.8))
+    threshold = float(cfg.get("threshold", 0.5))
+    epochs_total = num_epochs
+
+    def cosine(e):
+        return (1 + jnp.cos(jnp.pi * e / epochs_total)) / 2
+
+    def custom(step):
+        e = jnp.floor(step / steps_per_epoch)
+        start = threshold * epochs_total
+        stop = math.floor(0.66 * epochs_total)
+        a, b = factor * cosine(start), cosine(stop)
+        line = a + (b - a) * (e - start) / max(stop - start, 1e-12)
+        value = jnp.where(e < start, factor * cosine(e), jnp.where(e < stop, line, cosine(e)))
+        return base_lr * value
+
+    return custom
