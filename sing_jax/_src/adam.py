@@ -21,7 +21,9 @@ class ScaleBySoftplusAdamState(NamedTuple):
 
 
 def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
-    r"""PyTorch's ``softplus(d, beta, threshold)`` for ``d >= 0``: identity where ``beta * d > threshold``.
+    r"""PyTorch's ``softplus(d, beta, threshold)`` for ``d >= 0``.
+
+    The identity where ``beta * d > threshold``, else
 
     .. math::
       \operatorname{softplus}_\beta(d) = \tfrac{1}{\beta} \log(1 + e^{\beta d})
