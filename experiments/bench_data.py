@@ -61,14 +61,17 @@ def _fake_cifar10_source(root: str, per_batch: int) -> None:
 
 def _pipeline_rate(pipe, num_batches: int, warmup: int = 3) -> float:
     it = iter(pipe)
-    for _ in range(warmup):
+    for _ in range(warmup):  # also lets worker processes start
         next(it)
     start = time.perf_counter()
     images = 0
     for _ in range(num_batches):
         batch = next(it)
         images += batch["label"].size
-    return images / (time.perf_counter() - start)
+    rate = images / (time.perf_counter() - start)
+    if hasattr(it, "close"):
+        it.close()
+    return rate
 
 
 def _train_step_and_state(model, batch_size: int):
@@ -180,6 +183,9 @@ def main() -> None:
         pipe = sd.get_pipeline("cifar10", "train", batch, seed=0, **common)
         cifar_rate = _pipeline_rate(pipe, 10 if quick else 60)
         rows.append(("CIFAR-10 train pipeline (crop+flip+norm)", batch, cifar_rate))
+        mp_pipe = sd.get_pipeline("cifar10", "train", batch, seed=0, worker_count=2, **common)
+        rows.append(("CIFAR-10 train pipeline, 2 grain worker processes", batch,
+                     _pipeline_rate(mp_pipe, 10 if quick else 60)))  # fmt: skip
 
         model = resnet20(10, rngs=nnx.Rngs(0))
         step, state = _train_step_and_state(model, batch)
@@ -206,6 +212,11 @@ def main() -> None:
                 imagenet_rate = _pipeline_rate(ipipe, 2 if quick else 6, warmup=1)
                 rows.append(("ImageNet train pipeline (RRC+flip+RandAug), mock JPEG", ib,
                              imagenet_rate))  # fmt: skip
+                ipipe_mp = sd.get_pipeline("imagenet2012", "train", ib, seed=0,
+                                           data_dir=os.path.join(tmp, "mock"),
+                                           num_threads=args.threads, worker_count=2)  # fmt: skip
+                rows.append(("ImageNet train pipeline, 2 grain worker processes", ib,
+                             _pipeline_rate(ipipe_mp, 2 if quick else 6, warmup=1)))  # fmt: skip
                 ifixed = next(iter(ipipe))
             model = resnet18(1000, variant="imagenet", rngs=nnx.Rngs(0))
             step, state = _train_step_and_state(model, ib)

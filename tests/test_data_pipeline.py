@@ -246,3 +246,27 @@ def test_imagenet_pipeline_on_mock_data(tmp_path):
     std = np.asarray(sd.augment.IMAGENET_STD, np.float32)
     pixels = test[0]["image"] * std + mean
     assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(data_dir):
+    kw = dict(seed=4, data_dir=data_dir, num_local_devices=2, process_count=1, process_index=0)
+    reference, _ = _take(sd.get_pipeline("digits", "train", 64, **kw), 5)
+    pipe = sd.get_pipeline("digits", "train", 64, worker_count=1, **kw)
+    it = iter(pipe)
+    try:
+        first = [next(it) for _ in range(3)]
+        state = json.loads(json.dumps(it.get_state()))
+    finally:
+        it.close()
+    resumed_it = iter(pipe)
+    try:
+        resumed_it.set_state(state)
+        rest = [next(resumed_it) for _ in range(2)]
+    finally:
+        resumed_it.close()
+    for x, y in zip(first + rest, reference):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    with pytest.raises(ValueError, match="worker_count must be a non-negative integer, got -1"):
+        sd.get_pipeline("digits", "train", 64, worker_count=-1, **kw)
