@@ -79,6 +79,18 @@ def test_without_learning_rate_no_effective_lr_is_recorded():
                                0.1 * metrics["grad_norm/dense/kernel"], rtol=1e-6)
 
 
+def test_metric_selection_records_only_the_chosen_fields():
+    params, spec = make_problem()
+    tx = sing_jax.with_diagnostics(optax.sgd(0.1), learning_rate=0.1, channel_dims=spec,
+                                   metrics=("grad_norm", "effective_lr"))
+    _, state = tx.update(params, tx.init(params), params)
+    fields = {k.split("/")[0] for k in sing_jax.diagnostics_metrics(state)}
+    assert fields == {"grad_norm", "effective_lr", "learning_rate"}
+    assert state.update_norm == {} and state.param_norm == {}
+    with pytest.raises(ValueError, match=r"unknown metrics \['grad_norms'\]"):
+        sing_jax.with_diagnostics(optax.sgd(0.1), metrics=("grad_norms",))
+
+
 class Net(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)

@@ -60,7 +60,9 @@ def _norm(x: jax.Array) -> jax.Array:
 
 def with_diagnostics(tx: optax.GradientTransformation, *,
                      learning_rate: ScalarOrSchedule | None = None,
-                     channel_dims: Any = None) -> optax.GradientTransformationExtraArgs:
+                     channel_dims: Any = None,
+                     metrics: Sequence[str] = METRIC_FIELDS
+                     ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``tx`` so that its state records per-leaf norms and effective learning rates.
 
     The updates are exactly those of ``tx``; the cost is one reduction per leaf
@@ -75,6 +77,10 @@ def with_diagnostics(tx: optax.GradientTransformation, *,
       channel_dims: the channel spec (as given to the spherical optimizers: a
         ``ChannelDims``, a tree of ``ChannelDims | None``, or a callable) that marks
         the scale-invariant leaves.
+      metrics: which of ``'grad_norm'``, ``'update_norm'``, ``'param_norm'``,
+        ``'effective_lr'`` to record (the others stay empty dicts). Leaving out
+        ``'update_norm'`` spares materialising the update: on CPU it is the costly
+        one (see ``experiments/bench_diagnostics.py``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -86,21 +92,33 @@ def with_diagnostics(tx: optax.GradientTransformation, *,
       ...
       metrics = diagnostics_metrics(opt_state)   # {'grad_norm/dense/kernel': ..., ...}
     """
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    unknown = [m for m in metrics if m not in METRIC_FIELDS]
+    if unknown:
+        raise ValueError(f"with_diagnostics: unknown metrics {unknown}; expected some of "
+                         f"{METRIC_FIELDS}")
     inner = optax.with_extra_args_support(tx)
+
+    def norms(field, names, tree):
+        if field not in metrics:
+            return {}
+        return {n: _norm(x) for n, x in zip(names, jax.tree.leaves(tree))}
 
     def measure(count, grads, updates, params):
         names = [name for name, _ in named_leaves(params)]
         param_leaves = jax.tree.leaves(params)
-        grad_norm = {n: _norm(g) for n, g in zip(names, jax.tree.leaves(grads))}
-        update_norm = {n: _norm(u) for n, u in zip(names, jax.tree.leaves(updates))}
-        param_norm = {n: _norm(p) for n, p in zip(names, param_leaves)}
+        grad_norm = norms("grad_norm", names, grads)
+        update_norm = norms("update_norm", names, updates)
+        param_norm = norms("param_norm", names, params)
         if learning_rate is None:
             lr = jnp.asarray(jnp.nan, jnp.float32)
         else:
             lr = jnp.asarray(learning_rate(count) if callable(learning_rate) else learning_rate,
                              jnp.float32)
         effective_lr = {}
-        if learning_rate is not None and channel_dims is not None:
+        if (learning_rate is not None and channel_dims is not None
+                and "effective_lr" in metrics):
             geometries = resolve_channel_dims(channel_dims, params)
             for name, geometry, p in zip(names, geometries, param_leaves):
                 if geometry.is_spherical:

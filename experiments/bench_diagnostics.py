@@ -1,0 +1,145 @@
+"""Cost of the recipes pieces in a jitted update: diagnostics, freezing, max-norm.
+
+Times one jitted optimizer step (update + apply, params and state donated) on the
+parameter shapes of a CIFAR ResNet-18 (~11M parameters), side by side in one
+process, after warm-up, median of repeats:
+
+  adam                       optax.adam
+  adam+diagnostics           sing_jax.with_diagnostics(optax.adam, lr, channel_dims)
+  adam+diag (no update)      the same without the update norm
+  adam+max_norm              optax.chain(optax.adam, sing_jax.max_norm)
+  adam frozen but head       sing_jax.head_only(optax.adam)  (state and work shrink)
+
+Also prints the memory-traffic floor of adam (bytes read + written by the update,
+over the measured copy bandwidth). The last line is the headline ratio:
+diagnostics time / plain time.
+
+    python experiments/bench_diagnostics.py [--repeats 20] [--width 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sing_jax
+from sing_jax import ChannelDims
+
+
+def resnet18_shapes(width: int = 64, classes: int = 10) -> dict:
+    shapes = {"stem": {"kernel": (3, 3, 3, width)}, "stem_bn": {"scale": (width,),
+                                                                 "bias": (width,)}}
+    cin = width
+    for stage, mult in enumerate((1, 2, 4, 8)):
+        cout = width * mult
+        for block in range(2):
+            name = f"layer{stage + 1}_{block}"
+            first_in = cin if block == 0 else cout
+            shapes[name] = {
+                "conv1": {"kernel": (3, 3, first_in, cout)},
+                "bn1": {"scale": (cout,), "bias": (cout,)},
+                "conv2": {"kernel": (3, 3, cout, cout)},
+                "bn2": {"scale": (cout,), "bias": (cout,)},
+            }
+            if block == 0 and first_in != cout:
+                shapes[name]["shortcut"] = {"kernel": (1, 1, first_in, cout)}
+                shapes[name]["shortcut_bn"] = {"scale": (cout,), "bias": (cout,)}
+        cin = cout
+    shapes["head"] = {"kernel": (cin, classes), "bias": (classes,)}
+    return shapes
+
+
+def make_tree(shapes, key):
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([0.05 * jax.random.normal(k, s, jnp.float32)
+                              for k, s in zip(keys, leaves)])
+
+
+def time_step(tx, params, grads, repeats):
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params = jax.tree.map(jnp.copy, params)
+    for _ in range(3):
+        params, state = step(params, state, grads)
+    jax.block_until_ready((params, state))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        params, state = step(params, state, grads)
+        jax.block_until_ready((params, state))
+        times.append(time.perf_counter() - start)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    return float(np.median(times)), state_bytes
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    copy = jax.jit(lambda a: a * 2.0)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / float(np.median(times))  # read + write
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--width", type=int, default=64)
+    args = parser.parse_args()
+
+    shapes = resnet18_shapes(args.width)
+    params = make_tree(shapes, jax.random.key(0))
+    grads = make_tree(shapes, jax.random.key(1))
+    n = sum(x.size for x in jax.tree.leaves(params))
+    spec = sing_jax.channel_dims_from_rules(
+        params, [(r".*(conv\d|stem|shortcut)/kernel", ChannelDims((-1,)))])
+    lr = 1e-3
+
+    rows = []
+    base, base_state = time_step(optax.adam(lr), params, grads, args.repeats)
+    rows.append(("adam", base, base_state))
+    diag, diag_state = time_step(
+        sing_jax.with_diagnostics(optax.adam(lr), learning_rate=lr, channel_dims=spec),
+        params, grads, args.repeats)
+    rows.append(("adam+diagnostics", diag, diag_state))
+    light, light_state = time_step(
+        sing_jax.with_diagnostics(optax.adam(lr), learning_rate=lr, channel_dims=spec,
+                                  metrics=("grad_norm", "param_norm", "effective_lr")),
+        params, grads, args.repeats)
+    rows.append(("adam+diag (no update)", light, light_state))
+    maxn, maxn_state = time_step(optax.chain(optax.adam(lr), sing_jax.max_norm(3.0)),
+                                 params, grads, args.repeats)
+    rows.append(("adam+max_norm", maxn, maxn_state))
+    frozen, frozen_state = time_step(sing_jax.head_only(optax.adam(lr)), params, grads,
+                                     args.repeats)
+    rows.append(("adam frozen but head", frozen, frozen_state))
+
+    # adam reads g, m, v, p and writes m, v, p: 7 float32 per parameter.
+    bandwidth = copy_bandwidth(4 * n, args.repeats)
+    floor = 7 * 4 * n / bandwidth
+    print(f"device: {jax.devices()[0].device_kind}; params: {n / 1e6:.2f}M "
+          f"({len(jax.tree.leaves(params))} leaves); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"adam traffic floor {floor * 1e3:.2f} ms")
+    print(f"{'transform':<24}{'median ms':>12}{'vs adam':>10}{'state MB':>10}")
+    for name, seconds, state_bytes in rows:
+        print(f"{name:<24}{seconds * 1e3:>12.2f}{seconds / base:>10.2f}"
+              f"{state_bytes / 1e6:>10.1f}")
+    print(f"headline: adam+diagnostics / adam = {diag / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
