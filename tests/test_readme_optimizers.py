@@ -19,3 +19,12 @@ def test_plain_optax_chain_example_runs():
     # The AdamSRT step moved the spherical kernel, and SING was built too.
     assert float(abs(params["conv"]["kernel"] - 1.0).max()) > 0
     assert namespace["tx"] is not None
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from sing_jax._src import aliases
+
+    result = doctest.testmod(aliases, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0
