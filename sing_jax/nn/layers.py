@@ -1,0 +1,122 @@
+"""Small Flax NNX layers: :class:`LearnableScaler` and :class:`Identity`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+InitializerLike = Union[str, Initializer]
+
+_NAMED_SCALE_INITS: dict[str, Initializer] = {
+    "normal": nnx.initializers.normal(stddev=1.0),
+    "ones": nnx.initializers.ones,
+    "zeros": nnx.initializers.zeros,
+}
+
+
+def _resolve_init(init: InitializerLike, argument: str) -> Initializer:
+    if isinstance(init, str):
+        if init not in _NAMED_SCALE_INITS:
+            raise ValueError(
+                f"LearnableScaler: {argument}={init!r} is not a known initializer; "
+                f"expected one of {sorted(_NAMED_SCALE_INITS)} or a callable "
+                "(key, shape, dtype) -> array."
+            )
+        return _NAMED_SCALE_INITS[init]
+    if not callable(init):
+        raise TypeError(
+            f"LearnableScaler: {argument} must be a name or a callable "
+            f"(key, shape, dtype) -> array, got {init!r}."
+        )
+    return init
+
+
+def check_features(module_name: str, x: jax.Array, num_features: int) -> None:
+    """Raises a ValueError when the last axis of ``x`` is not ``num_features``."""
+    if x.ndim == 0 or x.shape[-1] != num_features:
+        raise ValueError(
+            f"{module_name}: the input's last (feature) axis has size "
+            f"{x.shape[-1] if x.ndim else 'n/a'} (input shape {x.shape}), expected "
+            f"num_features={num_features}."
+        )
+
+
+class LearnableScaler(nnx.Module):
+    r"""A per-feature affine map, the normalisation-free replacement of LayerNorm/BatchNorm.
+
+    .. math::
+
+      y = a \odot x + b
+
+    with ``a, b`` of shape ``(num_features,)`` broadcast over the last (feature)
+    axis: tokens ``(B, N, D)`` and images ``(B, H, W, C)`` alike (Flax layouts).
+    There are no statistics, so training and evaluation behave identically.
+
+    The reference initialisation is ``a ~ Normal(0, 1)`` (the PyTorch reference
+    fills a ones tensor with ``normal_``, which overwrites it) and ``b = 0``;
+    ``scale_init="ones"`` gives the identity map at initialisation.
+
+    Args:
+      num_features: size of the feature axis.
+      scale_init: initializer of ``a``: ``"normal"`` (reference, default),
+        ``"ones"``, ``"zeros"`` or a callable ``(key, shape, dtype) -> array``.
+      bias_init: initializer of ``b`` (zeros by default).
+      use_bias: whether to learn ``b``.
+      dtype: computation dtype (``None``: promote the input and parameters).
+      param_dtype: dtype of ``a`` and ``b``.
+      rngs: the random streams (``params`` is used).
+
+    Example::
+
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> scaler = LearnableScaler(4, scale_init="ones", rngs=nnx.Rngs(0))
+      >>> scaler(jnp.ones((2, 3, 4))).shape
+      (2, 3, 4)
+    """
+
+    def __init__(self, num_features: int, *, scale_init: InitializerLike = "normal",
+                 bias_init: InitializerLike = "zeros", use_bias: bool = True,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(
+                f"LearnableScaler: num_features={num_features!r}; expected a positive int."
+            )
+        self.num_features = num_features
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.scale = nnx.Param(
+            _resolve_init(scale_init, "scale_init")(rngs.params(), (num_features,),
+                                                    param_dtype))
+        if use_bias:
+            self.bias = nnx.Param(
+                _resolve_init(bias_init, "bias_init")(rngs.params(), (num_features,),
+                                                      param_dtype))
+        else:
+            self.bias = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_features("LearnableScaler", x, self.num_features)
+        scale = self.scale[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, scale, bias = nnx.nn.dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
+        y = x * scale
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+class Identity(nnx.Module):
+    """The identity map (``norm="none"`` and folded-away BatchNorms)."""
+
+    def __init__(self, num_features: int | None = None):
+        self.num_features = num_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x

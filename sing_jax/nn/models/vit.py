@@ -1,0 +1,244 @@
+r"""Vision Transformer (Dosovitskiy et al. 2021) with a swappable norm.
+
+It also computes the auxiliary losses of the LearnableScaler recipe.
+
+Pre-norm blocks ``h = h + attn(norm1(h)); h = h + mlp(norm2(h))`` over a class
+token and learned position embeddings; ``norm="layer"`` (default) or
+``"learnable_scaler"`` (seed 004), or any other :func:`~sing_jax.nn.make_norm` name.
+ViT-Ti/16 (embed 192, depth 12, 3 heads, 224x224, 1000 classes) has 5,717,416
+parameters, as timm's ``vit_tiny_patch16_224``.
+
+Auxiliary losses of the seed 004 training recipe (spec section 7), returned
+with ``model(x, return_aux=True) -> (logits, aux)`` and not computed otherwise:
+
+- ``aux["feature_decay"]``: for every residual-stream activation ``h`` (after
+  each of the two residual adds of every block),
+  ``d = |h|[|h| > t] - t`` (``t = feature_decay_threshold``, 200) and the term
+  ``mean(d) + max(d)`` (0 when no element exceeds ``t``), summed over them.
+- ``aux["attn_extra"]``: for each of the first ``attn_extra_loss_layers`` blocks,
+  the max probability ``m`` of every attention row (all heads and queries); over
+  the rows with ``m < attn_max_threshold`` (0.5), ``1 - mean(m)`` (0 when none),
+  summed over those blocks.
+
+:func:`learnable_scaler_aux_loss` scales and adds them (0.1 and 0.03 in the recipe).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sing_jax.nn.init import init_for_activation
+from sing_jax.nn.models._common import check_input_channels, check_positive_int, head
+from sing_jax.nn.norms import NormLike, check_norm_name, make_norm
+
+
+def feature_decay_term(h: jax.Array, threshold: float = 200.0) -> jax.Array:
+    r"""``mean(d) + max(d)`` with ``d = |h|[|h| > threshold] - threshold``; 0 when empty."""
+    magnitude = jnp.abs(h.astype(jnp.float32))
+    over = magnitude > threshold
+    danger = jnp.where(over, magnitude - threshold, 0.0)
+    count = jnp.sum(over)
+    mean = jnp.sum(danger) / jnp.maximum(count, 1)
+    # danger is 0 off the mask and > 0 on it, so the plain max is the masked max
+    return jnp.where(count > 0, mean + jnp.max(danger), 0.0)
+
+
+def attention_extra_term(probs: jax.Array, max_threshold: float = 0.5) -> jax.Array:
+    r"""``1 - mean(m)`` over attention rows whose max probability ``m`` < threshold.
+
+    0 when no row is below the threshold.
+    """
+    row_max = jnp.max(probs.astype(jnp.float32), axis=-1)
+    low = row_max < max_threshold
+    count = jnp.sum(low)
+    mean = jnp.sum(jnp.where(low, row_max, 0.0)) / jnp.maximum(count, 1)
+    return jnp.where(count > 0, 1.0 - mean, 0.0)
+
+
+def learnable_scaler_aux_loss(aux: dict[str, jax.Array], *, feature_decay: float = 0.1,
+                              attn_extra: float = 0.03) -> jax.Array:
+    """``feature_decay * aux["feature_decay"] + attn_extra * aux["attn_extra"]``.
+
+    The recipe's coefficients are 0.1 and 0.03.
+    """
+    return feature_decay * aux["feature_decay"] + attn_extra * aux["attn_extra"]
+
+
+class MultiHeadSelfAttention(nnx.Module):
+    """Self-attention with a fused ``qkv`` projection; can return the attention probabilities."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"MultiHeadSelfAttention: num_heads={num_heads} does not divide "
+                f"embed_dim={embed_dim}; allowed num_heads are the divisors of {embed_dim}."
+            )
+        linear = dict(kernel_init=init_for_activation("none"),
+                      bias_init=nnx.initializers.zeros, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.qkv = nnx.Linear(embed_dim, 3 * embed_dim, **linear)
+        self.proj = nnx.Linear(embed_dim, embed_dim, **linear)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        # softmax in float32 for bf16 stability
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return self.proj(out.reshape(batch, tokens, -1)), probs
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: ``h += attn(norm1(h)); h += mlp(norm2(h))``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, *,
+                 norm: NormLike, dropout_rate: float, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs, **norm_kwargs: Any):
+        norm_args = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, **norm_kwargs)
+        hidden = int(embed_dim * mlp_ratio)
+        self.norm1 = make_norm(norm, embed_dim, **norm_args)
+        self.attn = MultiHeadSelfAttention(embed_dim, num_heads, dtype=dtype,
+                                           param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = make_norm(norm, embed_dim, **norm_args)
+        self.fc1 = nnx.Linear(embed_dim, hidden, kernel_init=init_for_activation("gelu"),
+                              bias_init=nnx.initializers.zeros, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, embed_dim, kernel_init=init_for_activation("none"),
+                              bias_init=nnx.initializers.zeros, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The stream after the MLP add, the stream after the attention add, the probs."""
+        attn_out, probs = self.attn(self.norm1(h))
+        h_attn = h + self.dropout(attn_out)
+        mlp_out = self.fc2(self.dropout(jax.nn.gelu(self.fc1(self.norm2(h_attn)))))
+        return h_attn + self.dropout(mlp_out), h_attn, probs
+
+
+class ViT(nnx.Module):
+    """Vision Transformer classifier.
+
+    Args:
+      num_classes: classifier outputs.
+      image_size: input height = width (an int) or ``(height, width)``.
+      patch_size: square patch side; must divide ``image_size``.
+      embed_dim: token width.
+      depth: number of blocks.
+      num_heads: attention heads; must divide ``embed_dim``.
+      mlp_ratio: MLP hidden width / ``embed_dim``.
+      norm: ``"layer"`` (default), ``"learnable_scaler"`` or another norm name/factory.
+      in_channels: input channels.
+      dropout_rate: dropout after attention, inside and after the MLP.
+      attn_extra_loss_layers: how many first blocks enter ``aux["attn_extra"]``.
+      feature_decay_threshold: ``t`` of the feature-decay loss (200).
+      attn_max_threshold: row-max threshold of the attention loss (0.5).
+      dtype, param_dtype: computation and parameter dtypes.
+      rngs: random streams (``params``, and ``dropout`` when ``dropout_rate > 0``).
+
+    Seed 004's table is ``ViT(patch_size=p, embed_dim=e, depth=d)`` for
+    ``(p, e, d)`` in (16, 192, 24), (16, 192, 36), (16, 288, 24), (32, 288, 24),
+    (32, 288, 36) at 224x224 with 1000 classes; ``num_heads=3`` divides both widths.
+    """
+
+    def __init__(self, num_classes: int = 1000, *, image_size: int | tuple[int, int] = 224,
+                 patch_size: int = 16, embed_dim: int = 192, depth: int = 12,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, norm: NormLike = "layer",
+                 in_channels: int = 3, dropout_rate: float = 0.0,
+                 attn_extra_loss_layers: int = 6, feature_decay_threshold: float = 200.0,
+                 attn_max_threshold: float = 0.5, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
+        check_norm_name(norm, "ViT")
+        for name, value in (("num_classes", num_classes), ("patch_size", patch_size),
+                            ("embed_dim", embed_dim), ("depth", depth),
+                            ("num_heads", num_heads), ("in_channels", in_channels)):
+            check_positive_int("ViT", name, value)
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"ViT: patch_size={patch_size} does not divide image_size="
+                f"{(height, width)}; allowed patch sizes are common divisors of the "
+                "image height and width."
+            )
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"ViT: num_heads={num_heads} does not divide embed_dim={embed_dim}; "
+                f"allowed num_heads are the divisors of {embed_dim}."
+            )
+        if not mlp_ratio > 0:
+            raise ValueError(f"ViT: mlp_ratio={mlp_ratio!r}; expected a positive number.")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"ViT: dropout_rate={dropout_rate!r}; expected 0 <= rate < 1.")
+        if not isinstance(attn_extra_loss_layers, int) or attn_extra_loss_layers < 0:
+            raise ValueError(
+                f"ViT: attn_extra_loss_layers={attn_extra_loss_layers!r}; expected an int "
+                f">= 0 (at most depth={depth})."
+            )
+        self.in_channels = in_channels
+        self.image_size = (height, width)
+        self.patch_size = patch_size
+        self.attn_extra_loss_layers = min(attn_extra_loss_layers, depth)
+        self.feature_decay_threshold = feature_decay_threshold
+        self.attn_max_threshold = attn_max_threshold
+        num_patches = (height // patch_size) * (width // patch_size)
+        self.patch_embed = nnx.Conv(
+            in_channels, embed_dim, (patch_size, patch_size), strides=patch_size,
+            padding="VALID", kernel_init=init_for_activation("none"),
+            bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs)
+        token_init = nnx.initializers.normal(0.02)
+        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, embed_dim), param_dtype))
+        self.pos_embed = nnx.Param(
+            token_init(rngs.params(), (1, num_patches + 1, embed_dim), param_dtype))
+        self.blocks = nnx.List([
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, norm=norm,
+                             dropout_rate=dropout_rate, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs, **norm_kwargs)
+            for _ in range(depth)])
+        self.norm = make_norm(norm, embed_dim, rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype, **norm_kwargs)
+        self.head = head(embed_dim, num_classes, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, return_aux: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        check_input_channels("ViT", x, self.in_channels, 2)
+        if tuple(x.shape[1:3]) != self.image_size:
+            raise ValueError(
+                f"ViT: input spatial size {tuple(x.shape[1:3])} differs from "
+                f"image_size={self.image_size} the position embeddings were built for."
+            )
+        tokens = self.patch_embed(x)
+        batch, _, _, dim = tokens.shape
+        tokens = tokens.reshape(batch, -1, dim)
+        cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim)).astype(tokens.dtype)
+        h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(tokens.dtype)
+        feature_decay = jnp.zeros((), jnp.float32)
+        attn_extra = jnp.zeros((), jnp.float32)
+        for index, block in enumerate(self.blocks):
+            h, h_attn, probs = block(h)
+            if return_aux:  # a Python branch: nothing is traced when not asked
+                feature_decay += (feature_decay_term(h_attn, self.feature_decay_threshold)
+                                  + feature_decay_term(h, self.feature_decay_threshold))
+                if index < self.attn_extra_loss_layers:
+                    attn_extra += attention_extra_term(probs, self.attn_max_threshold)
+        logits = self.head(self.norm(h)[:, 0])
+        if return_aux:
+            return logits, {"feature_decay": feature_decay, "attn_extra": attn_extra}
+        return logits
+
+
+def vit(patch_size: int = 16, embed_dim: int = 192, depth: int = 12, *,
+        norm: NormLike = "layer", **kwargs: Any) -> ViT:
+    """``ViT(patch_size=..., embed_dim=..., depth=..., norm=...)``; the seed 004 table's naming."""
+    return ViT(patch_size=patch_size, embed_dim=embed_dim, depth=depth, norm=norm, **kwargs)

@@ -1,0 +1,273 @@
+"""sing_jax.nn: LearnableScaler, the norm factory, replace_norms, BN folding, MC dropout,
+initialisation by activation and the extra activations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sing_jax import nn as snn
+from sing_jax.nn.models import MLP, CifarResNet, ViT, resnet20
+
+
+# ------------------------------------------------------------------ LearnableScaler
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 4, 4, 6)], ids=["tokens", "images"])
+def test_learnable_scaler_is_a_x_plus_b(shape):
+    scaler = snn.LearnableScaler(6, rngs=nnx.Rngs(0))
+    scaler.bias[...] = jnp.arange(6.0) - 2.0
+    x = jax.random.normal(jax.random.key(1), shape)
+    expected = np.asarray(x) * np.asarray(scaler.scale[...]) + (np.arange(6.0) - 2.0)
+    np.testing.assert_allclose(scaler(x), expected, rtol=1e-6, atol=1e-6)
+    scaler.eval()  # no statistics: identical in both modes
+    np.testing.assert_allclose(scaler(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_learnable_scaler_inits():
+    reference = snn.LearnableScaler(4096, rngs=nnx.Rngs(0))
+    a = np.asarray(reference.scale[...])
+    assert abs(a.mean()) < 0.1 and abs(a.std() - 1.0) < 0.05  # a ~ Normal(0, 1)
+    np.testing.assert_array_equal(reference.bias[...], 0.0)
+    ones = snn.LearnableScaler(8, scale_init="ones", rngs=nnx.Rngs(0))
+    x = jnp.arange(16.0).reshape(2, 8)
+    np.testing.assert_array_equal(ones(x), x)
+    with pytest.raises(ValueError, match="scale_init='unit'"):
+        snn.LearnableScaler(8, scale_init="unit", rngs=nnx.Rngs(0))
+
+
+def test_learnable_scaler_bf16_and_bad_channels():
+    scaler = snn.LearnableScaler(4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    y = scaler(jnp.ones((2, 3, 4), jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.broadcast_to(np.asarray(scaler.scale[...]), (2, 3, 4)),
+                               rtol=1e-2)
+    with pytest.raises(ValueError, match="num_features=4"):
+        scaler(jnp.ones((2, 3, 5)))
+
+
+# ------------------------------------------------------------------ norm factory
+@pytest.mark.parametrize("name", snn.NORM_NAMES)
+def test_make_norm_builds_each_type(name):
+    norm = snn.make_norm(name, 8, rngs=nnx.Rngs(0))
+    assert type(norm) is snn.NORM_TYPES[name]
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8)) * 3.0 + 1.0
+    y = norm(x)
+    assert y.shape == x.shape
+    if name == "layer":
+        np.testing.assert_allclose(np.asarray(y).mean(-1), 0.0, atol=1e-5)
+    if name == "rms":
+        np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(y) ** 2, -1)), 1.0, atol=1e-3)
+    if name == "none":
+        np.testing.assert_array_equal(y, x)
+
+
+def test_make_norm_bad_input():
+    with pytest.raises(ValueError, match=r"norm='batchnorm'.*allowed values.*'batch'"):
+        snn.make_norm("batchnorm", 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_groups=3 does not divide num_features=8"):
+        snn.make_norm("group", 8, num_groups=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="norm='bn'"):
+        resnet20(norm="bn", rngs=nnx.Rngs(0))
+
+
+def test_batch_norm_train_eval_and_running_stats():
+    bn = snn.make_norm("batch", 3, rngs=nnx.Rngs(0), momentum=0.9)
+    x = jax.random.normal(jax.random.key(0), (16, 2, 2, 3)) * 2.0 + 5.0
+    xs = np.asarray(x).reshape(-1, 3)
+    y = np.asarray(bn(x)).reshape(-1, 3)  # train mode: batch statistics
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), 1.0, atol=1e-3)
+    np.testing.assert_allclose(bn.mean[...], 0.1 * xs.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * xs.var(0), rtol=1e-4)
+    bn.eval()  # running averages, no update
+    mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+    y_eval = np.asarray(bn(x)).reshape(-1, 3)
+    np.testing.assert_allclose(y_eval, (xs - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(bn.mean[...], mean)
+
+
+# ------------------------------------------------------------------ replace_norms
+def _small_vit(norm="layer"):
+    return ViT(10, image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+               norm=norm, rngs=nnx.Rngs(0))
+
+
+def test_replace_norms_layer_norm_to_learnable_scaler_in_vit():
+    model = _small_vit()
+    before = {"/".join(map(str, p)): np.asarray(v)
+              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    count = snn.replace_norms(model, nnx.LayerNorm,
+                              lambda old: snn.LearnableScaler(old.num_features,
+                                                              rngs=nnx.Rngs(1)))
+    assert count == 5  # two per block and the final norm
+    assert not any(isinstance(m, nnx.LayerNorm) for _, m in nnx.iter_modules(model))
+    after = {"/".join(map(str, p)): np.asarray(v)
+             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    norm_keys = {k for k in before if "norm" in k}
+    assert len(norm_keys) == 10
+    for key in set(before) - norm_keys:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    for key in norm_keys:  # same names (scale, bias), new values
+        assert key in after
+    assert not np.array_equal(after["blocks/0/norm1/scale"], before["blocks/0/norm1/scale"])
+    # the swapped model equals one built with norm="learnable_scaler" given the same norms
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    reference = _small_vit("learnable_scaler")
+    nnx.update(reference, nnx.state(model))
+    np.testing.assert_allclose(model(x), reference(x), rtol=1e-6)
+
+
+def test_replace_norms_by_name_and_bad_factory():
+    model = _small_vit()
+    assert snn.replace_norms(model, nnx.LayerNorm, "rms", rngs=nnx.Rngs(0)) == 5
+    assert isinstance(model.blocks[1].norm2, nnx.RMSNorm)
+    with pytest.raises(ValueError, match="num_features=3"):
+        snn.replace_norms(model, nnx.RMSNorm,
+                          lambda old: snn.LearnableScaler(3, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="rngs= is required"):
+        snn.replace_norms(model, nnx.RMSNorm, "layer")
+
+
+# ------------------------------------------------------------------ BN folding
+def _trained_stats(model, x, steps=3):
+    model.train()
+    for i in range(steps):
+        model(x * (1.0 + 0.3 * i) + 0.2 * i)
+    model.eval()
+
+
+def test_fold_batch_norms_cifar_resnet_equals_eval_model():
+    model = CifarResNet(8, rngs=nnx.Rngs(0))  # ResNet-20's blocks, one per stage
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    _trained_stats(model, x)
+    expected = model(x)
+    folded = snn.fold_batch_norms(model, x)
+    assert not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(folded))
+    assert sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model)) == 7
+    # tolerance: float32 rounding of the rescaled kernels, relative to the logits' scale
+    np.testing.assert_allclose(folded(x), expected, rtol=1e-4, atol=1e-4)
+    assert folded.stem.conv.bias is not None  # the bias-free conv gained the BN shift
+
+
+def test_fold_batch_norms_mlp_linear_and_strict():
+    model = MLP(12, (16, 16), 5, norm="batch", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (8, 12))
+    _trained_stats(model, x)
+    folded = snn.fold_batch_norms(model, x)
+    np.testing.assert_allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+    class ReluThenNorm(nnx.Module):
+        def __init__(self):
+            self.linear = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.bn(jax.nn.relu(self.linear(x)))
+
+    with pytest.raises(ValueError, match=r"\['bn'\]"):
+        snn.fold_batch_norms(ReluThenNorm(), jnp.ones((2, 4)))
+    kept = snn.fold_batch_norms(ReluThenNorm(), jnp.ones((2, 4)), strict=False)
+    assert isinstance(kept.bn, nnx.BatchNorm)
+
+
+# ------------------------------------------------------------------ MC dropout
+class _LinearDropout(nnx.Module):
+    def __init__(self, rate):
+        self.dropout = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=0))
+        self.linear = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return self.linear(self.dropout(x))
+
+
+def test_mc_dropout_matches_linear_expectation_and_variance():
+    rate, n = 0.3, 4000
+    model = _LinearDropout(rate)
+    x = jax.random.normal(jax.random.key(5), (2, 6))
+    model.eval()
+    mean, std = snn.mc_dropout_predict(model, x, n, key=1, transform=None)
+    assert model.dropout.deterministic is True  # the model's own mode is untouched
+    expected = np.asarray(model(x))  # inverted dropout: E[f] is the deterministic pass
+    w = np.asarray(model.linear.kernel[...])
+    expected_var = (np.asarray(x) ** 2) @ (w ** 2) * rate / (1 - rate)
+    np.testing.assert_allclose(std ** 2, expected_var, rtol=0.1)
+    # 5 standard errors of the mean
+    assert np.all(np.abs(np.asarray(mean) - expected) < 5 * np.sqrt(expected_var / n))
+
+
+def test_mc_dropout_probabilities_and_errors():
+    model = MLP(8, (32,), 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    mean, std = snn.mc_dropout_predict(model, x, 64, key=0)
+    np.testing.assert_allclose(np.asarray(mean).sum(-1), 1.0, rtol=1e-5)
+    assert mean.shape == std.shape == (3, 4) and float(std.max()) > 0
+    mean2, _ = snn.mc_dropout_predict(model, x, 64, key=0)
+    np.testing.assert_array_equal(mean, mean2)
+    with pytest.raises(ValueError, match="no nnx.Dropout"):
+        snn.mc_dropout_predict(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), x[:, :2], 4, key=0)
+    with pytest.raises(ValueError, match="num_samples=1"):
+        snn.mc_dropout_predict(model, x, 1, key=0, ddof=1)
+
+
+# ------------------------------------------------------------------ initialisation
+@pytest.mark.parametrize("activation,expected", [
+    ("tanh", lambda fi, fo: 2.0 / (fi + fo)),
+    ("none", lambda fi, fo: 2.0 / (fi + fo)),
+    ("relu", lambda fi, fo: 2.0 / fi),
+    ("gelu", lambda fi, fo: 2.0 / fi),
+    ("swiglu", lambda fi, fo: 2.0 / fi),
+    ("selu", lambda fi, fo: 1.0 / fi),
+    ("leaky_relu", lambda fi, fo: 2.0 / (1 + 0.01 ** 2) / fi),
+])
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+def test_init_variance_matches_table(activation, expected, distribution):
+    shape = (3, 3, 32, 96)  # conv kernel: fan_in = 288, fan_out = 864
+    w = np.asarray(snn.init_for_activation(activation, distribution=distribution)(
+        jax.random.key(0), shape, jnp.float32))
+    var = expected(288, 864)
+    n = w.size
+    # sampling error of a variance: var * sqrt(2 / n) (normal), smaller for uniform
+    assert abs(w.var() - var) < 4 * var * np.sqrt(2.0 / n), (w.var(), var)
+    assert abs(w.mean()) < 4 * np.sqrt(var / n)
+
+
+def test_init_bad_name_and_reinit_zero_bias():
+    with pytest.raises(ValueError, match="activation='softsign'"):
+        snn.init_for_activation("softsign")
+    assert snn.init_scheme("mish") == "he" and snn.init_scheme("sigmoid") == "glorot"
+    model = MLP(64, (256,), 10, rngs=nnx.Rngs(0))
+    model.linears[0].bias[...] = jnp.ones(256)
+    assert snn.reinit_by_activation(model, "selu", rngs=nnx.Rngs(1)) == 2
+    np.testing.assert_array_equal(model.linears[0].bias[...], 0.0)
+    var = float(np.var(np.asarray(model.linears[0].kernel[...])))
+    assert abs(var - 1.0 / 64) < 4 * (1.0 / 64) * np.sqrt(2.0 / (64 * 256))
+
+
+# ------------------------------------------------------------------ activations
+def test_extra_activations():
+    x = jnp.linspace(-3.0, 3.0, 13)
+    np.testing.assert_allclose(snn.relu_squared(x), np.maximum(np.asarray(x), 0) ** 2)
+    np.testing.assert_allclose(snn.mish(x), x * np.tanh(np.log1p(np.exp(x))), rtol=1e-6)
+    z = jax.random.normal(jax.random.key(0), (2, 8))
+    z1, z2 = np.asarray(z[:, :4]), np.asarray(z[:, 4:])
+    np.testing.assert_allclose(snn.swiglu(z, 1.5), z1 / (1 + np.exp(-1.5 * z1)) * z2,
+                               rtol=1e-5)
+    gate = snn.SwiGLU(8, 4, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(gate(z), snn.swiglu(gate.proj(z)), rtol=1e-6)
+    with pytest.raises(ValueError, match="odd size 3"):
+        snn.swiglu(jnp.ones((2, 3)))
+    prelu = snn.PReLU(0.25)
+    np.testing.assert_allclose(prelu(x), np.where(x >= 0, x, 0.25 * np.asarray(x)))
+
+
+def test_rrelu_train_and_eval():
+    rrelu = snn.RReLU(0.1, 0.3, rngs=nnx.Rngs(0))
+    x = -jnp.ones((1000,))
+    slopes = -np.asarray(rrelu(x))
+    assert slopes.min() >= 0.1 and slopes.max() <= 0.3 and slopes.std() > 0.04
+    np.testing.assert_array_equal(rrelu(jnp.ones(4)), 1.0)
+    rrelu.eval()
+    np.testing.assert_allclose(rrelu(x), -0.2, rtol=1e-6)
+    with pytest.raises(ValueError, match="lower=0.5, upper=0.2"):
+        snn.RReLU(0.5, 0.2)
