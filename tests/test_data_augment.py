@@ -39,6 +39,11 @@ def test_random_crop_flip_is_a_shifted_window_maybe_flipped():
     assert (out == 0).any()
 
 
+def test_apply_crop_flip_checks_parameter_shapes():
+    with pytest.raises(ValueError, match=r"dx must have shape \(2,\), got \(3,\)"):
+        aug.apply_crop_flip(_images(2), np.zeros(2, int), np.zeros(3, int), np.zeros(2, bool))
+
+
 def test_random_crop_flip_without_padding_is_identity_or_mirror():
     images = _images(8)
     out = aug.random_crop_flip(images, np.random.default_rng(4), padding=0)

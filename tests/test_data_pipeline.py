@@ -209,6 +209,14 @@ def test_cifar10_pipeline_on_real_builder(tmp_path):
     # augmented: padding zeros appear as (0 - mean) / std in some crops
     assert batch["image"].shape == (2, 4, 32, 32, 3)
     assert np.isclose(batch["image"], -mean / std).all(axis=-1).any()
+    # the augmented global batch is the same when two processes each build half of it
+    halves = [
+        next(iter(sd.get_pipeline("cifar10", "train", 8, data_dir=tmp_path / "data",
+                                  num_local_devices=1, process_count=2, process_index=p)))
+        for p in range(2)
+    ]  # fmt: skip
+    joined = np.concatenate([h["image"][0] for h in halves])
+    np.testing.assert_array_equal(joined, batch["image"].reshape(8, 32, 32, 3))
 
 
 # ----------------------------------------------------------------------------- mock data
@@ -240,6 +248,7 @@ def test_imagenet_pipeline_on_mock_data(tmp_path):
         train = next(iter(ds.train))
         test = list(ds.test)
     assert train["image"].shape == (2, 2, 224, 224, 3) and train["image"].dtype == np.float32
+    assert not np.array_equal(train["image"][0, 0], train["image"][0, 1])
     assert len(test) == 2 and sum(int(b["mask"].sum()) for b in test) == 6
     assert test[0]["image"].shape == (2, 2, 224, 224, 3)
     mean = np.asarray(sd.augment.IMAGENET_MEAN, np.float32)

@@ -4,7 +4,8 @@ Host side (NumPy / PIL, run inside the grain pipeline, seeded per batch):
 
 * :func:`random_crop_flip` - the CIFAR recipe of seed 001: zero-pad by 4, take a
   random 32x32 crop, flip horizontally with probability 1/2 (vectorised over a
-  batch).
+  batch; :func:`crop_flip_params` + :func:`apply_crop_flip` split the draws from
+  the gather, so the pipeline can draw them per global row).
 * :func:`normalize` - ``(x / 255 - mean) / std`` per channel.
 * :func:`random_resized_crop`, :func:`resize_center_crop` - the Inception-style
   ImageNet train crop (scale ``(0.08, 1)``, ratio ``(3/4, 4/3)``) and the eval
@@ -43,6 +44,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------- host: CIFAR
 
 
+def crop_flip_params(
+    rng: np.random.Generator, batch: int, padding: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws ``(dy, dx, flip)`` for :func:`apply_crop_flip`: offsets in ``[0, 2 padding]``."""
+    dy = rng.integers(0, 2 * padding + 1, size=batch)
+    dx = rng.integers(0, 2 * padding + 1, size=batch)
+    flip = rng.random(batch) < 0.5
+    return dy, dx, flip
+
+
+def apply_crop_flip(
+    images: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, padding: int = 4
+) -> np.ndarray:
+    """``y[b, i, j] = xpad[b, dy_b + i, dx_b + (W - 1 - j if flip_b else j)]``.
+
+    ``xpad`` is ``images`` (``(B, H, W, C)``) zero-padded by ``padding`` on both
+    sides of ``H`` and ``W``. The output has the input's shape and dtype.
+    """
+    if images.ndim != 4:
+        raise ValueError(
+            f"random crop/flip expects images of shape (B, H, W, C), got {images.shape}"
+        )
+    batch, height, width, _ = images.shape
+    for name, value in (("dy", dy), ("dx", dx), ("flip", flip)):
+        if np.shape(value) != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {np.shape(value)}")
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = np.where(flip[:, None], np.arange(width)[::-1][None, :], np.arange(width)[None, :])
+    rows = dy[:, None] + np.arange(height)[None, :]
+    cols = dx[:, None] + cols
+    return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
     """Random crop after zero padding, then a random horizontal flip, per image.
 
@@ -56,15 +90,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int 
         raise ValueError(
             f"random_crop_flip expects images of shape (B, H, W, C), got {images.shape}"
         )
-    batch, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    dy = rng.integers(0, 2 * padding + 1, size=batch)
-    dx = rng.integers(0, 2 * padding + 1, size=batch)
-    flip = rng.random(batch) < 0.5
-    cols = np.where(flip[:, None], np.arange(width)[::-1][None, :], np.arange(width)[None, :])
-    rows = dy[:, None] + np.arange(height)[None, :]
-    cols = dx[:, None] + cols
-    return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return apply_crop_flip(images, *crop_flip_params(rng, images.shape[0], padding), padding)
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -18,6 +18,9 @@ local devices (``b = B / P`` examples per process, ``B / (P D)`` per device):
   ``[k B, (k + 1) B)``; positions ``>= N`` are padding (a copy of example 0) with
   ``mask = False``, so every example is seen exactly once over all processes and
   devices, and ``sum(mask) = N``.
+* augmentation: the random draws of global row ``r`` of batch ``k`` come from
+  ``(seed, k, r)``, so the augmented global batch, too, is the same for any
+  number of processes, threads or worker processes, and after a resume.
 
 Every batch is a dict of NumPy arrays with a leading local-device axis:
 ``image (D, B/(P D), *image_shape)`` float32, ``label (D, B/(P D))`` int32,
@@ -264,11 +267,18 @@ def eval_batch_indices(
 
 def _preprocess_batch(
     spec: DatasetSpec, examples: list[dict[str, Any]], train: bool, augment_train: bool,
-    rng: np.random.Generator,
+    seed: int, step: int, rows: np.ndarray, global_batch_size: int,
 ) -> np.ndarray:  # fmt: skip
+    """Preprocesses this process's ``rows`` of global batch ``step``.
+
+    The random draws are made per *global* row, from ``(seed, step)``, so a batch
+    is augmented identically whatever the number of processes, threads or workers,
+    and a resumed iterator reproduces the batches it would have produced.
+    """
     if spec.preprocess == "imagenet":
         out = np.empty((len(examples), *spec.image_shape), np.uint8)
         for i, ex in enumerate(examples):
+            rng = np.random.default_rng([seed, step, int(rows[i]), 2])
             image = ex["image"]
             if image.ndim == 2 or image.shape[-1] == 1:
                 image = np.broadcast_to(image.reshape(*image.shape[:2], 1), (*image.shape[:2], 3))
@@ -285,7 +295,9 @@ def _preprocess_batch(
     images = np.stack([np.asarray(ex["image"]) for ex in examples])
     if spec.preprocess == "cifar":
         if train and augment_train:
-            images = augment.random_crop_flip(images, rng, padding=4)
+            rng = np.random.default_rng([seed, step, 1])
+            params = augment.crop_flip_params(rng, global_batch_size, padding=4)
+            images = augment.apply_crop_flip(images, *(p[rows] for p in params), padding=4)
         return augment.normalize(images, spec.mean, spec.std)
     if spec.preprocess == "scale":
         return images.astype(np.float32) * np.float32(spec.scale)
@@ -313,10 +325,10 @@ class _BatchReader:
             positions, mask = eval_batch_indices(step, **kw)
         record_ids = self.indices[positions]
         examples = _read(self.source, record_ids)
-        # Randomness depends only on (seed, step, process), so a resumed iterator
-        # reproduces the batches it would have produced.
-        rng = np.random.default_rng([self.seed, step, self.process_index, 1])
-        images = _preprocess_batch(self.spec, examples, self.train, self.augment, rng)
+        local = len(positions)
+        rows = self.process_index * local + np.arange(local)  # rows of the global batch
+        images = _preprocess_batch(self.spec, examples, self.train, self.augment, self.seed,
+                                   step, rows, self.global_batch_size)  # fmt: skip
         labels = np.asarray([ex["label"] for ex in examples], np.int32)
         d = self.num_local_devices
         return {
