@@ -154,6 +154,21 @@ def test_freeze_on_plain_params_with_optax():
     assert set(kept) == set(before) - frozen_names
 
 
+def test_a_mask_tree_built_on_the_nnx_state_works_under_nnx_optimizer():
+    model = TinyResNet(rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    frozen_tree = sing_jax.frozen_by_regex(r"stem.*")(params)  # an nnx.State of bools
+    optimizer = nnx.Optimizer(model, sing_jax.freeze(optax.sgd(0.1), frozen_tree),
+                              wrt=nnx.Param)
+    before = snapshot(model)
+    train_step(model, optimizer, *image_batch())
+    assert changed_paths(before, snapshot(model)) == {
+        n for n in before if not n.startswith("stem")}
+    with pytest.raises(ValueError, match=r"no entry for parameter 'head/bias'"):
+        sing_jax.freeze(optax.sgd(0.1), {"head": {"kernel": True}}).init(
+            {"head": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}})
+
+
 def test_freeze_all_but_the_head():
     model = TinyTransformer(rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, sing_jax.head_only(optax.sgd(0.1)), wrt=nnx.Param)

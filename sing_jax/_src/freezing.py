@@ -36,9 +36,28 @@ FROZEN = "frozen"
 
 
 def _as_mask_fn(mask: Any | MaskFn) -> MaskFn:
+    """A callable mask; a tree of bool is matched to the params *by path*.
+
+    Matching by path lets a tree built over ``nnx.state(model, nnx.Param)`` serve
+    the plain arrays that ``nnx.Optimizer`` passes to ``update``.
+    """
     if callable(mask):
         return mask
-    return lambda params: mask
+    table = {}
+    for name, flag in named_leaves(mask):
+        if isinstance(flag, nnx.Variable):
+            flag = flag.get_value()
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"frozen mask: the entry at {name!r} is {flag!r}; expected a bool")
+        table[name] = bool(flag)
+
+    def lookup(path, _leaf):
+        if path not in table:
+            raise ValueError(f"frozen mask: no entry for parameter {path!r}; the mask has "
+                             f"{sorted(table)[:4]}...")
+        return table[path]
+
+    return lambda params: map_named_leaves(lookup, params)
 
 
 def frozen_by_regex(patterns: str | Sequence[str]) -> MaskFn:
