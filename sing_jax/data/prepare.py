@@ -134,7 +134,12 @@ def _local_download(source_dir: epath.Path, extract_dir: epath.Path):
             target = extract_dir / name.split(".")[0]
             if not target.exists():
                 with tarfile.open(path) as archive:
-                    archive.extractall(target, filter="data")
+                    # The "data" filter (Python >= 3.10.12) refuses links and paths
+                    # that leave the target directory.
+                    if hasattr(tarfile, "data_filter"):
+                        archive.extractall(target, filter="data")
+                    else:
+                        archive.extractall(target)
             return target
         # Already extracted: the builder joins its own prefix to the returned dir.
         return source_dir
