@@ -127,3 +127,27 @@ def test_batch_not_divisible_over_devices_names_numbers():
 def test_unknown_parallel_mode():
     with pytest.raises(ValueError, match="parallel='vmap'"):
         train.make_train_step(optax.sgd(0.1), parallel="vmap")
+
+
+def test_singd_step_four_devices_equal_one_device():
+    import sing_jax
+
+    def run(num_devices):
+        model = TinyConvNet(rngs=nnx.Rngs(0))
+        train.set_batch_norm_axis(model)
+        tx = sing_jax.singd(learning_rate=0.05, T=2, structures=("dense", "diagonal"))
+        state = train.TrainState.create(model, tx, rng=0)
+        step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:num_devices]),
+                                     options=train.StepOptions(singd=True, singd_period=2))
+        state = step.place_state(state)
+        hist = []
+        for i in range(3):
+            state, metrics = step(state, tiny_batch(seed=i))
+            hist.append(train.to_host(metrics))
+        return train.to_host(state.arrays()), hist
+
+    one, one_hist = run(1)
+    four, four_hist = run(4)
+    _assert_trees_close(one_hist, four_hist)
+    _assert_trees_close(one, four, rtol=1e-4, atol=1e-5)
+    assert float(four["epoch_metrics"]["count"]) == 3 * 16

@@ -1,5 +1,14 @@
 """Training: a pure-pytree TrainState, data-parallel jitted steps, checkpoints, logging."""
 
+from sing_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    prepare_workdir,
+)
+from sing_jax.train.logging import MetricsLogger, Progress, plot_curves, read_metrics
+from sing_jax.train.loop import RunSummary, default_config, train_and_evaluate, validate_config
+from sing_jax.train.optimizers import OPTIMIZERS, build_optimizer, build_schedule
+from sing_jax.train.registry import model_names, register_model
 from sing_jax.train.state import TrainState, num_params
 from sing_jax.train.step import (
     AXIS,
@@ -16,6 +25,22 @@ from sing_jax.train.step import (
 )
 
 __all__ = [
+    "OPTIMIZERS",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "MetricsLogger",
+    "Progress",
+    "RunSummary",
+    "build_optimizer",
+    "build_schedule",
+    "default_config",
+    "model_names",
+    "plot_curves",
+    "prepare_workdir",
+    "read_metrics",
+    "register_model",
+    "train_and_evaluate",
+    "validate_config",
     "AXIS",
     "ParallelStep",
     "StepOptions",

@@ -74,6 +74,7 @@ OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation], bool]] 
     "adamsrt": (sing_jax.adamsrt, True),
     "sgdmrt": (sing_jax.sgdmrt, True),
     "adamg": (sing_jax.adamg, True),
+    "singd": (sing_jax.singd, False),
 }
 TRAINING_KEYS = ("name", "learning_rate", "channel_dims", "channel_rules", "clip_grad_norm",
                  "grad_accum_steps", "freeze")
@@ -91,8 +92,9 @@ def optimizer_kwargs(opt_cfg: Any) -> tuple[str, dict[str, Any]]:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
     constructor, _ = OPTIMIZERS[name]
+    # axis_name and other are wired by the training step, not set from a config.
     accepted = [p for p in inspect.signature(constructor).parameters
-                if p not in ("learning_rate", "channel_dims")]
+                if p not in ("learning_rate", "channel_dims", "axis_name", "other")]
     kwargs = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

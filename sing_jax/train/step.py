@@ -138,6 +138,11 @@ class StepOptions:
       label_smoothing: label smoothing of the cross-entropy.
       grad_norms: also return the global gradient norm and one norm per leaf path
         (``grad_norm/<path>``).
+      singd: the optimizer contains :func:`sing_jax.singd`: the gradient pass also
+        captures its per-layer curvature statistics (``sing_jax.singd_value_and_grad``,
+        averaged over the devices) and passes them to ``tx.update``.
+      singd_period: capture only on steps with ``step % singd_period == 0`` (SINGD's
+        ``T``; keep 1 with gradient accumulation, where steps count micro-batches).
       aux_loss: optional ``(model, images) -> (logits, extra_loss)`` used instead of
         ``model(images)``; ``extra_loss`` is added to the cross-entropy (e.g. the
         LearnableScaler recipe's feature-decay and attention losses).
@@ -148,6 +153,8 @@ class StepOptions:
     label_smoothing: float = 0.0
     grad_norms: bool = False
     aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+    singd: bool = False
+    singd_period: int = 1
 
 
 def _leaf_grad_norms(grads: Any) -> dict[str, jax.Array]:
@@ -157,6 +164,46 @@ def _leaf_grad_norms(grads: Any) -> dict[str, jax.Array]:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         out[f"grad_norm/{name}"] = jnp.sqrt(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
     return out
+
+
+def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
+                      options: StepOptions):
+    """Gradients, metric sums, new model state and SINGD curvature of one shard.
+
+    The layer inputs and output gradients are captured in the same backward pass
+    (``sing_jax``'s SINGD capture) on steps where the preconditioner is refreshed
+    (``step % singd_period == 0``); the curvature is averaged over ``'data'``.
+    """
+    from sing_jax import singd_curvature
+    from sing_jax._src.singd.capture import functional_value_and_grad
+
+    def run(capture: bool):
+        # Plain-array model state: every merge builds fresh variables inside this trace.
+        (loss, sums), grads, captures, new_rest = functional_value_and_grad(
+            forward, state.graphdef, state.params, state.model_state, (), {},
+            has_aux=True, capture=capture)
+        grads = grads.to_pure_dict() if hasattr(grads, "to_pure_dict") else grads
+        new_rest = new_rest.to_pure_dict() if hasattr(new_rest, "to_pure_dict") else new_rest
+        return grads, sums, new_rest, captures
+
+    def captured(_):
+        grads, sums, new_rest, captures = run(True)
+        return grads, sums, new_rest, singd_curvature(state.opt_state, captures, AXIS)
+
+    period = options.singd_period
+    if period <= 1:
+        grads, sums, new_rest, stats = captured(None)
+    else:
+        shapes = jax.eval_shape(captured, None)[3]
+
+        def skipped(_):
+            grads, sums, new_rest, _ = run(False)
+            return grads, sums, new_rest, jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        grads, sums, new_rest, stats = jax.lax.cond(state.step % period == 0, captured,
+                                                    skipped, None)
+    return jax.lax.pmean(grads, AXIS), sums, new_rest, stats
 
 
 def per_device_train_step(state: TrainState, batch: Batch, *,
@@ -169,10 +216,7 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
     if options.compute_dtype is not None:
         images = images.astype(options.compute_dtype)
 
-    def loss_fn(params):
-        if options.compute_dtype is not None:
-            params = _cast_floating(params, options.compute_dtype)
-        model = nnx.merge(state.graphdef, params, state.model_state)
+    def forward(model):
         if options.aux_loss is None:
             logits = model(images)
         else:
@@ -180,15 +224,27 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
         loss, sums = classification_sums(logits, labels, weights, options.label_smoothing)
         if options.aux_loss is not None:
             loss = loss + extra.astype(jnp.float32)
+        return loss, sums
+
+    def loss_fn(params):
+        if options.compute_dtype is not None:
+            params = _cast_floating(params, options.compute_dtype)
+        model = nnx.merge(state.graphdef, params, state.model_state)
+        loss, sums = forward(model)
         new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
         return loss, (sums, new_model_state)
 
-    grads, (sums, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
+    extra_args = {}
+    if options.singd:
+        grads, sums, model_state, stats = _singd_gradients(state, forward, options)
+        extra_args["singd_stats"] = stats
+    else:
+        grads, (sums, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, AXIS)
     model_state = _match_dtypes(model_state, state.model_state)
     if not options.sync_batch_stats:
         model_state = _mean_floating(model_state)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
     sums = jax.lax.psum(sums, AXIS)
     metrics = {"loss": sums["loss_sum"] / jnp.maximum(sums["count"], 1.0),
