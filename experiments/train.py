@@ -37,6 +37,10 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
     if num_processes is not None and num_processes > 1:
         if coordinator is None or process_id is None:
             raise ValueError("--num_processes > 1 needs --coordinator_address and --process_id")
+        if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(
+                jax.config.jax_platforms):
+            # Cross-process collectives on CPU need an implementation (GPU/TPU have theirs).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=num_processes, process_id=process_id)
 

@@ -19,7 +19,8 @@ from sing_jax.train.logging import read_metrics
 from sing_jax.train.loop import default_config, train_and_evaluate
 from tests._train_helpers import TinyConvNet, tiny_batch
 
-TIMING_KEYS = ("step_time_s", "images_per_s", "compile_time_s", "resumed_from_step")
+TIMING_KEYS = ("step_time_s", "images_per_s", "compile_time_s", "resumed_from_step",
+               "timed_steps")
 
 
 def _config():

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from sing_jax.train import checkpoint as ckpt_lib
 from sing_jax.train import logging as log_lib
@@ -250,7 +249,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
 
     params_for_spec = nnx.state(model, nnx.Param).to_pure_dict()
     tx = optimizers.build_optimizer(config.optimizer, schedule, params_for_spec,
-                                    detect_channel_dims=detect)
+                                    detect_channel_dims=detect,
+                                    diagnostics=config.logging.grad_norms)
     set_batch_norm_axis(model, config.sync_batch_stats)
     state = TrainState.create(model, tx, rng=config.seed, data_state=train_iter.get_state())
 
@@ -260,16 +260,6 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
-    resumed_from = None
-    if has_checkpoints:
-        restored = checkpointer.restore(state)
-        if restored is not None:
-            state = restored
-            resumed_from = int(np.asarray(state.step))
-            train_iter.set_state(state.data_state)
-            logger.truncate_after(resumed_from)
-            say(f"resumed from step {resumed_from} in {workdir}")
-
     options = StepOptions(sync_batch_stats=config.sync_batch_stats,
                           compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                           label_smoothing=config.label_smoothing,
@@ -281,6 +271,17 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     train_step = make_train_step(tx, parallel=config.parallel, mesh=mesh, options=options)
     eval_step = make_eval_step(parallel=config.parallel, mesh=mesh)
     state = train_step.place_state(state)
+    # Restored into the placed layout: every process reads its replicated copy.
+    resumed_from = None
+    if has_checkpoints:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state = restored
+            resumed_from = int(to_host(state.step))
+            train_iter.set_state(state.data_state)
+            logger.truncate_after(resumed_from)
+            say(f"resumed from step {resumed_from} in {workdir}")
+
     zeros = train_step.place_state(zero_epoch_metrics()) if config.parallel == "shard_map" \
         else zero_epoch_metrics()
 
@@ -288,7 +289,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     say(f"{config.model.name} ({num_params(state):,} params) on {dataset}, "
         f"{config.optimizer.name}, {len(devices)} device(s) via {config.parallel}, "
         f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs")
-    compile_time, timed_steps, timed_seconds = 0.0, 0, 0.0
+    compile_time, compile_reported = 0.0, False
     epoch_records = [r for r in log_lib.read_metrics(workdir) if r.get("kind") == "epoch"] \
         if is_main else []
     try:
@@ -329,8 +330,6 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
             progress.close()
             jax.block_until_ready(state.step)
             elapsed = time.perf_counter() - epoch_start
-            timed_steps += epoch_steps
-            timed_seconds += elapsed
             sums = to_host(state.epoch_metrics)
             count = max(float(sums["count"]), 1.0)
             record = {"epoch": epoch + 1, "train_loss": float(sums["loss_sum"]) / count,
@@ -344,6 +343,10 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
             if epoch_steps:
                 record["step_time_s"] = elapsed / epoch_steps
                 record["images_per_s"] = config.batch_size * epoch_steps / elapsed
+                record["timed_steps"] = epoch_steps
+            if compile_time and not compile_reported:
+                record["compile_time_s"] = compile_time
+                compile_reported = True
             epoch_records.append(logger.write(step, "epoch", record))
             say(f"epoch {epoch + 1}: " + ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy"))))
@@ -359,7 +362,13 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     scored = [r for r in epoch_records if "valid_accuracy" in r]
     if scored:
         best = max(scored, key=lambda r: (r["valid_accuracy"], -r["epoch"]))
-    step_time = timed_seconds / timed_steps if timed_steps else float("nan")
+    # Timings from the epoch records, so a resumed (or already finished) run reports them too.
+    timed = [(r["step_time_s"], r.get("timed_steps", 1)) for r in epoch_records
+             if "step_time_s" in r]
+    timed_steps = sum(n for _, n in timed)
+    step_time = sum(t * n for t, n in timed) / timed_steps if timed_steps else float("nan")
+    compiles = [r["compile_time_s"] for r in epoch_records if "compile_time_s" in r]
+    compile_time = compiles[-1] if compiles else compile_time
     summary = RunSummary(
         steps=step, epochs=config.num_epochs,
         final_test_accuracy=epoch_records[-1]["test_accuracy"] if epoch_records else float("nan"),

@@ -23,13 +23,11 @@ Training-level keys, valid for every optimizer:
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import sing_jax
@@ -153,8 +151,8 @@ def frozen_mask(patterns: str | Sequence[str], params: Any) -> Any:
 
 
 def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params: Any, *,
-                    detect_channel_dims: Callable[[], Any] | None = None
-                    ) -> optax.GradientTransformation:
+                    detect_channel_dims: Callable[[], Any] | None = None,
+                    diagnostics: bool = False) -> optax.GradientTransformation:
     """The optimizer of ``opt_cfg`` with ``learning_rate`` (float or schedule).
 
     Args:
@@ -162,6 +160,8 @@ def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params:
       learning_rate: the learning rate or schedule (of the optimizer's update count).
       params: the parameters (for channel specs and masks).
       detect_channel_dims: ``() -> spec``, used when ``channel_dims='auto'``.
+      diagnostics: wrap in :func:`sing_jax.with_diagnostics` (per-leaf gradient norms,
+        read back with :func:`sing_jax.diagnostics_metrics`).
     """
     cfg = _as_dict(opt_cfg)
     name, kwargs = optimizer_kwargs(cfg)
@@ -179,9 +179,14 @@ def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
     freeze = cfg.get("freeze")
     if freeze:
-        mask = frozen_mask(freeze, params)
-        labels = jax.tree.map(lambda f: "frozen" if f else "trained", mask)
-        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+        patterns = [freeze] if isinstance(freeze, str) else list(freeze)
+        frozen_mask(patterns, params)  # a pattern matching nothing is a config error
+        tx = sing_jax.freeze(tx, sing_jax.frozen_by_regex(patterns))
+    if diagnostics:
+        # Per-leaf gradient/parameter norms (and effective lr on spherical leaves) in the state.
+        tx = sing_jax.with_diagnostics(
+            tx, learning_rate=learning_rate, channel_dims=kwargs.get("channel_dims"),
+            metrics=("grad_norm", "param_norm", "effective_lr"))
     accum = int(cfg.get("grad_accum_steps", 1) or 1)
     if accum < 1:
         raise ValueError(f"config.optimizer.grad_accum_steps={accum}; expected an int >= 1")
@@ -223,43 +228,23 @@ def build_schedule(schedule_cfg: Any, base_lr: float, steps_per_epoch: int,
                          f"{list(_SCHEDULE_KEYS[name])}")
     total = max(1, steps_per_epoch * num_epochs)
     final = float(cfg.get("final_fraction", 0.0)) * base_lr
+    schedules = sing_jax.schedules
     if name == "constant":
         return optax.constant_schedule(base_lr)
     if name == "cosine":
-        return optax.cosine_decay_schedule(base_lr, total, alpha=final / base_lr if base_lr
-                                           else 0.0)
-    warmup = int(round(float(cfg.get("warmup_fraction", 0.05)) * total))
+        return optax.cosine_decay_schedule(base_lr, total,
+                                           alpha=final / base_lr if base_lr else 0.0)
     if name == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, base_lr, max(warmup, 1), total, final)
+        return schedules.warmup_cosine(base_lr, total, float(cfg.get("warmup_fraction", 0.05)),
+                                       end_value=final)
     if name == "warmup_constant_cosine":
-        constant = int(round(float(cfg.get("constant_fraction", 0.6)) * total))
-        decay = max(total - warmup - constant, 1)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, base_lr, max(warmup, 1)),
-             optax.constant_schedule(base_lr),
-             optax.cosine_decay_schedule(base_lr, decay, alpha=final / base_lr if base_lr
-                                         else 0.0)],
-            [max(warmup, 1), max(warmup, 1) + constant])
+        return schedules.warmup_constant_cosine(
+            base_lr, total, float(cfg.get("warmup_fraction", 0.05)),
+            float(cfg.get("constant_fraction", 0.6)), end_value=final)
     if name == "step":
-        epochs = [int(e) for e in cfg.get("decay_epochs", ())]
-        factor = float(cfg.get("decay_factor", 0.1))
-        return optax.piecewise_constant_schedule(
-            base_lr, {e * steps_per_epoch: factor for e in epochs})
-    # custom (seed 004): evaluated per epoch, constant within an epoch.
-    factor = float(cfg.get("factor", 0.8))
-    threshold = float(cfg.get("threshold", 0.5))
-    epochs_total = num_epochs
-
-    def cosine(e):
-        return (1 + jnp.cos(jnp.pi * e / epochs_total)) / 2
-
-    def custom(step):
-        e = jnp.floor(step / steps_per_epoch)
-        start = threshold * epochs_total
-        stop = math.floor(0.66 * epochs_total)
-        a, b = factor * cosine(start), cosine(stop)
-        line = a + (b - a) * (e - start) / max(stop - start, 1e-12)
-        value = jnp.where(e < start, factor * cosine(e), jnp.where(e < stop, line, cosine(e)))
-        return base_lr * value
-
-    return custom
+        return schedules.step_decay_at_epochs(
+            base_lr, steps_per_epoch, tuple(int(e) for e in cfg.get("decay_epochs", ())),
+            float(cfg.get("decay_factor", 0.1)))
+    return schedules.damped_cosine(base_lr, num_epochs, steps_per_epoch,
+                                   factor=float(cfg.get("factor", 0.8)),
+                                   threshold=float(cfg.get("threshold", 0.5)))

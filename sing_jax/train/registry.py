@@ -43,13 +43,13 @@ def _models() -> dict[str, Callable[..., nnx.Module]]:
                             **kw)
 
     def resnet20(num_classes, input_shape, **kw):
-        return models.resnet20(num_classes, **kw)
+        return models.resnet20(num_classes, in_channels=input_shape[-1], **kw)
 
     def resnet18(num_classes, input_shape, **kw):
-        return models.resnet18(num_classes, **kw)
+        return models.resnet18(num_classes, in_channels=input_shape[-1], **kw)
 
     def vgg16(num_classes, input_shape, **kw):
-        return models.vgg16(num_classes, **kw)
+        return models.vgg16(num_classes, in_channels=input_shape[-1], **kw)
 
     def vit(num_classes, input_shape, **kw):
         return models.ViT(num_classes, image_size=input_shape[0], in_channels=input_shape[-1],

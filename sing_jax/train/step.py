@@ -136,8 +136,9 @@ class StepOptions:
         :func:`set_batch_norm_axis` on the model with the same value).
       compute_dtype: dtype of the forward/backward pass (``None``: the params' dtype).
       label_smoothing: label smoothing of the cross-entropy.
-      grad_norms: also return the global gradient norm and one norm per leaf path
-        (``grad_norm/<path>``).
+      grad_norms: also return the per-leaf norms recorded by an optimizer wrapped in
+        :func:`sing_jax.with_diagnostics` (``grad_norm/<path>``, ``param_norm/<path>``,
+        ``effective_lr/<path>`` and the global norms).
       singd: the optimizer contains :func:`sing_jax.singd`: the gradient pass also
         captures its per-layer curvature statistics (``sing_jax.singd_value_and_grad``,
         averaged over the devices) and passes them to ``tx.update``.
@@ -155,15 +156,6 @@ class StepOptions:
     aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     singd: bool = False
     singd_period: int = 1
-
-
-def _leaf_grad_norms(grads: Any) -> dict[str, jax.Array]:
-    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    out = {}
-    for path, leaf in flat:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        out[f"grad_norm/{name}"] = jnp.sqrt(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
-    return out
 
 
 def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
@@ -250,8 +242,10 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
     metrics = {"loss": sums["loss_sum"] / jnp.maximum(sums["count"], 1.0),
                "accuracy": sums["correct_sum"] / jnp.maximum(sums["count"], 1.0)}
     if options.grad_norms:
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics.update(_leaf_grad_norms(grads))
+        from sing_jax import diagnostics_metrics
+
+        metrics.update({k: v for k, v in diagnostics_metrics(opt_state).items()
+                        if k != "learning_rate"})
     epoch_metrics = {k: state.epoch_metrics[k] + sums[k] for k in state.epoch_metrics}
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, epoch_metrics=epoch_metrics)
@@ -313,8 +307,14 @@ class ParallelStep:
         sharding = NamedSharding(self.mesh, P())
         if jax.process_count() == 1:
             return jax.device_put(state, sharding)
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), state)
+
+        def put(x):
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+        return jax.tree.map(put, state)
 
     def place_batch(self, batch: Batch) -> Batch:
         """Shards a process-local batch over the devices.
