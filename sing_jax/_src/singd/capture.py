@@ -333,35 +333,35 @@ def functional_value_and_grad(loss_fn: Callable, graphdef: Any, params: Any, res
     ``capture`` is False (a plain ``value_and_grad``, no capture work at all).
     """
     if not capture:
-        def plain(params):
-            m = nnx.merge(graphdef, params, rest)
+        def plain(params, rest):
+            m = nnx.merge(graphdef, params, rest, copy=True)
             result = loss_fn(m, *args, **kwargs)
             loss, aux = result if has_aux else (result, None)
             return loss, (aux, nnx.state(m, nnx.Not(nnx.Param)))
 
-        (loss, (aux, new_rest)), grads = jax.value_and_grad(plain, has_aux=True)(params)
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(plain, has_aux=True)(params, rest)
         return ((loss, aux) if has_aux else loss), grads, {}, new_rest
 
     holder: dict[str, Any] = {}
 
-    def probe(params):
-        m = nnx.merge(graphdef, params, rest)
+    def probe(params, rest):
+        m = nnx.merge(graphdef, params, rest, copy=True)
         _, _, rec = _forward(loss_fn, has_aux, args, kwargs, m, None)
         holder["infos"] = rec.infos
         return {k: jnp.zeros(v.shape, v.dtype) for k, v in rec.out_shapes.items()}
 
     # abstract trace: which layers run and their output shapes (no compute)
-    out_shapes = jax.eval_shape(probe, params)
+    out_shapes = jax.eval_shape(probe, params, rest)
     infos: dict[str, LayerInfo] = holder["infos"]
     perturbations = {k: jnp.zeros(v.shape, v.dtype) for k, v in out_shapes.items()}
 
-    def objective(params, perts):
-        m = nnx.merge(graphdef, params, rest)
+    def objective(params, perts, rest):
+        m = nnx.merge(graphdef, params, rest, copy=True)
         loss, aux, rec = _forward(loss_fn, has_aux, args, kwargs, m, perts)
         return loss, (aux, rec.inputs, nnx.state(m, nnx.Not(nnx.Param)))
 
     grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-    (loss, (aux, inputs, new_rest)), (grads, pert_grads) = grad_fn(params, perturbations)
+    (loss, (aux, inputs, new_rest)), (grads, pert_grads) = grad_fn(params, perturbations, rest)
     captures = {k: LayerCapture(inputs[k], pert_grads[k], infos[k]) for k in sorted(inputs)}
     return ((loss, aux) if has_aux else loss), grads, captures, new_rest
 
