@@ -87,8 +87,8 @@ def warmup_cosine(peak_value: float, total_steps: int, warmup_fraction: float = 
     Example::
 
       >>> s = warmup_cosine(1e-2, total_steps=1000)   # 50 warmup steps
-      >>> float(s(50))
-      0.01
+      >>> round(float(s(25)), 6), round(float(s(50)), 6), round(float(s(1000)), 6)
+      (0.005, 0.01, 0.0)
     """
     total_steps = _check_positive_int("total_steps", total_steps)
     warmup_fraction = _check_fraction("warmup_fraction", warmup_fraction)
