@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from sing_jax import nn as snn
+from sing_jax._src.channels import leaf_paths
 from sing_jax.nn.models import MLP, CifarResNet, ViT, resnet20
 
 
@@ -116,6 +117,17 @@ def test_replace_norms_layer_norm_to_learnable_scaler_in_vit():
     reference = _small_vit("learnable_scaler")
     nnx.update(reference, nnx.state(model))
     np.testing.assert_allclose(model(x), reference(x), rtol=1e-6)
+
+
+def test_frozen_norm_affine_marks_exactly_the_layer_norm_affines():
+    model = _small_vit()
+    params = nnx.state(model, nnx.Param)
+    mask = snn.frozen_norm_affine(model)(params)
+    flags = dict(zip(leaf_paths(params), jax.tree.leaves(mask)))
+    frozen = {p for p, f in flags.items() if f}
+    assert frozen == {f"{m}/{v}" for m in ("blocks/0/norm1", "blocks/0/norm2",
+                                           "blocks/1/norm1", "blocks/1/norm2", "norm")
+                      for v in ("scale", "bias")}
 
 
 def test_replace_norms_by_name_and_bad_factory():

@@ -3,6 +3,7 @@ MC dropout, initialisation by activation, extra activations, and (in
 :mod:`sing_jax.nn.models`) the benchmark models.
 """
 
+from sing_jax._src.freezing import frozen_norm_affine  # the recipes' helper (issue 5)
 from sing_jax.nn import models
 from sing_jax.nn.activations import PReLU, RReLU, SwiGLU, mish, relu_squared, swiglu
 from sing_jax.nn.folding import fold_batch_norms
@@ -20,6 +21,7 @@ __all__ = [
     "RReLU",
     "SwiGLU",
     "fold_batch_norms",
+    "frozen_norm_affine",
     "init_for_activation",
     "init_scheme",
     "make_norm",
