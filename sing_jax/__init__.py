@@ -90,3 +90,16 @@ from sing_jax._src.regularizers import (
 # --- recipes: end ---
 
 __version__ = "0.1.0"
+
+# Subpackages with heavier dependencies load on first use: `sing_jax.nn`
+# (Flax modules and models), `sing_jax.data` (TFDS + grain) and `sing_jax.train`
+# (orbax, logging); `import sing_jax` alone stays quick.
+_LAZY_SUBPACKAGES = ("nn", "data", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"sing_jax.{name}")
+    raise AttributeError(f"module 'sing_jax' has no attribute {name!r}")
