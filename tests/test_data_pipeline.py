@@ -279,3 +279,59 @@ def test_worker_processes_give_the_same_batches_and_resume(data_dir):
         np.testing.assert_array_equal(x["label"], y["label"])
     with pytest.raises(ValueError, match="worker_count must be a non-negative integer, got -1"):
         sd.get_pipeline("digits", "train", 64, worker_count=-1, **kw)
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+import sing_jax.data as sd
+pipe = sd.get_pipeline("digits", "test", 32, data_dir=sys.argv[3])  # defaults from jax
+seen, shapes = [], set()
+for host, dev in zip(pipe, sd.prefetch_to_device(iter(pipe), size=2)):
+    shapes.add((host["image"].shape, dev["image"].shape, len(dev["image"].sharding.device_set)))
+    images = host["image"].reshape(-1, 64)[host["mask"].reshape(-1)]
+    seen += [img.tobytes().hex() for img in images.astype(np.float32)]
+shapes = [list(map(str, s)) for s in shapes]
+print(json.dumps({"process": jax.process_index(), "count": jax.process_count(),
+                  "batches": len(pipe), "seen": seen, "shapes": shapes}))
+"""
+
+
+@pytest.mark.slow
+def test_two_real_processes_cover_the_test_set_once(data_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "two_process.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    # Files, not pipes: an unread full pipe would block one process while the other
+    # waits for it at the distributed shutdown barrier.
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with open(out, "w") as out_f, open(err, "w") as err_f:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), f"localhost:{port}", str(i), str(data_dir)],
+                stdout=out_f, stderr=err_f, env=env))  # fmt: skip
+    outputs = []
+    for proc, (out, err) in zip(procs, logs):
+        proc.wait(timeout=240)
+        assert proc.returncode == 0, err.read_text()[-3000:]
+        outputs.append(json.loads(out.read_text().strip().splitlines()[-1]))
+    assert sorted(o["process"] for o in outputs) == [0, 1]
+    assert all(o["count"] == 2 and o["batches"] == 12 for o in outputs)  # ceil(360 / 32)
+    for o in outputs:  # host (2 local devices, 8 rows each); global (4 devices) array
+        assert o["shapes"] == [["(2, 8, 8, 8, 1)", "(4, 8, 8, 8, 1)", "4"]]
+    seen = collections.Counter(h for o in outputs for h in o["seen"])
+    expected = collections.Counter(d.hex() for d in _split_digests(data_dir, "test").elements())
+    assert seen == expected
