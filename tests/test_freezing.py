@@ -139,10 +139,10 @@ def test_freeze_on_plain_params_with_optax():
             return ce_loss(nnx.merge(graphdef, fresh, rest), x, y)
         return jax.grad(loss)(p)
 
-    new = plain
+    new, update = plain, jax.jit(tx.update)
     for _ in range(2):
         grads = grad_fn(new)
-        updates, state = tx.update(grads, state, new)
+        updates, state = update(grads, state, new)
         new = optax.apply_updates(new, updates)
     before, after = dict(named_leaves(plain)), dict(named_leaves(new))
     frozen_names = {n for n in before if n.startswith(("embed/", "blocks/0/"))}
@@ -195,12 +195,12 @@ def test_unfreeze_top_k_blocks():
 
 
 def test_layernorm_and_layerscale_affine_freeze_of_sing_advice():
-    model = TinyTransformer(rngs=nnx.Rngs(0))
+    model = TinyTransformer(depth=2, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     frozen = sing_jax.frozen_norm_affine(model, patterns=r"blocks/\d+/gamma")
-    expect = {f"blocks/{i}/{ln}/{k}" for i in range(3) for ln in ("ln1", "ln2")
+    expect = {f"blocks/{i}/{ln}/{k}" for i in range(2) for ln in ("ln1", "ln2")
               for k in ("scale", "bias")}
-    expect |= {f"blocks/{i}/gamma" for i in range(3)} | {"norm/scale", "norm/bias"}
+    expect |= {f"blocks/{i}/gamma" for i in range(2)} | {"norm/scale", "norm/bias"}
     assert set(sing_jax.frozen_paths(frozen, params)) == expect
     # With one of this library's optimizers: SING keeps them frozen bit for bit.
     optimizer = nnx.Optimizer(model, sing_jax.freeze(sing_jax.sing(1e-2), frozen), wrt=nnx.Param)
