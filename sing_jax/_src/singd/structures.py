@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -51,31 +52,51 @@ class StructuredMatrix:
         )
 
     # -- pytree plumbing ------------------------------------------------------------
+    # Zero-size arrays (an empty remainder block, a hierarchical matrix without middle)
+    # are not leaves: they are rebuilt from static shapes, so checkpointers that reject
+    # empty arrays (orbax) never see them.
+    def _split_fields(self):
+        full, empty = [], []
+        for f in self._array_fields:
+            x = getattr(self, f)
+            if getattr(x, "size", 1) == 0:
+                empty.append((f, tuple(x.shape)))
+            else:
+                full.append(f)
+        return full, tuple(empty)
+
     def _flatten(self):
-        children = tuple(getattr(self, f) for f in self._array_fields)
-        aux = tuple(getattr(self, f) for f in self._static_fields)
-        return children, aux
+        full, empty = self._split_fields()
+        aux = (tuple(getattr(self, f) for f in self._static_fields), empty)
+        return tuple(getattr(self, f) for f in full), aux
 
     def _flatten_with_keys(self):
-        children = tuple(
-            (jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._array_fields
-        )
-        aux = tuple(getattr(self, f) for f in self._static_fields)
-        return children, aux
+        full, empty = self._split_fields()
+        aux = (tuple(getattr(self, f) for f in self._static_fields), empty)
+        return tuple((jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in full), aux
 
     @classmethod
     def _unflatten(cls, aux, children):
+        static, empty = aux
         obj = object.__new__(cls)
-        for f, v in zip(cls._static_fields, aux, strict=True):
+        for f, v in zip(cls._static_fields, static, strict=True):
             object.__setattr__(obj, f, v)
-        for f, v in zip(cls._array_fields, children, strict=True):
-            object.__setattr__(obj, f, v)
+        empty_shapes = dict(empty)
+        dtype = next((c.dtype for c in children if isinstance(c, jax.Array | np.ndarray)),
+                     jnp.float32)
+        it = iter(children)
+        for f in cls._array_fields:
+            value = jnp.zeros(empty_shapes[f], dtype) if f in empty_shapes else next(it)
+            object.__setattr__(obj, f, value)
         return obj
 
     def _replace(self, **arrays: Any) -> StructuredMatrix:
-        children = tuple(arrays.get(f, getattr(self, f)) for f in self._array_fields)
-        aux = tuple(getattr(self, f) for f in self._static_fields)
-        return self._unflatten(aux, children)
+        obj = object.__new__(type(self))
+        for f in self._static_fields:
+            object.__setattr__(obj, f, getattr(self, f))
+        for f in self._array_fields:
+            object.__setattr__(obj, f, arrays.get(f, getattr(self, f)))
+        return obj
 
     def options(self) -> dict[str, Any]:
         """The static options (besides ``dim``) that rebuild a matrix of this kind."""

@@ -614,7 +614,10 @@ def _validate(hp: Mapping[str, Any], where: str) -> None:
     for name in ("momentum", "damping", "alpha1", "weight_decay"):
         if callable(hp[name]):
             raise TypeError(f"{where}{name} must be a number, got a callable")
-    capture_lib._check_options(hp["kfac_approx"], hp["loss_average"])
+    try:
+        capture_lib._check_options(hp["kfac_approx"], hp["loss_average"])
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from None
     s = hp["structures"]
     if not isinstance(s, tuple | list) or len(s) != 2:
         raise ValueError(f"{where}structures must be a (K, C) pair, got {s!r}")

@@ -1,0 +1,356 @@
+"""The SINGD optax transform: contract, `other`, overrides, schedules, errors, IKFAC,
+gradient accumulation, data parallelism, mixed precision and checkpoints."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sing_jax
+from sing_jax._src.singd import capture as capture_lib
+
+S = sing_jax.singd_structures
+
+
+class Net(nnx.Module):
+    """Conv + LayerNorm + Linear: two registered layers and two `other` params."""
+
+    def __init__(self, rngs, dtype=jnp.float32):
+        self.conv = nnx.Conv(2, 3, (3, 3), strides=2, param_dtype=dtype, dtype=dtype,
+                             rngs=rngs)
+        self.norm = nnx.LayerNorm(3, param_dtype=dtype, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(3, 2, param_dtype=dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.conv(x)).mean(axis=(1, 2))
+        return self.head(self.norm(h))
+
+
+def loss_fn(model, x, y):
+    return jnp.mean(jnp.sum((model(x) - y) ** 2, axis=-1))
+
+
+def batch(key=0, n=8, dtype=jnp.float32):
+    kx, ky = jax.random.split(jax.random.key(key))
+    return (jax.random.normal(kx, (n, 6, 6, 2), dtype), jax.random.normal(ky, (n, 2), dtype))
+
+
+def quiet(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(*a, **k)
+    return wrapper
+
+
+def make_step(tx, graphdef, axis_name=None):
+    def step(params, rest, opt_state, x, y):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        (loss, grads), stats = sing_jax.singd_value_and_grad(
+            loss_fn, model, x, y, opt_state=opt_state, axis_name=axis_name)
+        updates, opt_state = tx.update(grads, opt_state, params, singd_stats=stats)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+    return step
+
+
+def setup(tx, dtype=jnp.float32):
+    model = Net(nnx.Rngs(0), dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest, tx.init(params)
+
+
+# --- contract ---------------------------------------------------------------------------
+@quiet
+def test_jit_no_recompilation_stable_state_and_loss_decreases():
+    tx = sing_jax.singd(0.05, T=2, lr_cov=0.05, structures=("diagonal", "dense"))
+    graphdef, params, rest, state = setup(tx)
+    step = jax.jit(make_step(tx, graphdef))
+    x, y = batch()
+    def signature(st):
+        leaves, treedef = jax.tree.flatten(st)
+        return treedef, [(a.shape, a.dtype) for a in leaves]
+
+    shapes = signature(state)
+    losses = []
+    for _ in range(6):
+        params, rest, state, loss = step(params, rest, state, x, y)
+        losses.append(float(loss))
+        assert signature(state) == shapes
+    assert step._cache_size() == 1
+    assert int(state.count) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@quiet
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_params_keep_their_dtype_and_preconditioners_are_float32(dtype):
+    tx = sing_jax.singd(0.05, T=1)
+    graphdef, params, rest, state = setup(tx, dtype)
+    params2, _, state2, _ = jax.jit(make_step(tx, graphdef))(params, rest, state,
+                                                              *batch(dtype=dtype))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        assert b.dtype == a.dtype == dtype
+    for lp in state2.layers:
+        assert lp.k.dtype == lp.c.dtype == jnp.float32
+
+
+@quiet
+def test_bf16_model_trains_without_nans_with_float32_preconditioners():
+    tx = sing_jax.singd(0.05, T=1, lr_cov=0.05, damping=1e-3, other=optax.adam(1e-2))
+    graphdef, params, rest, state = setup(tx, jnp.bfloat16)
+    step = jax.jit(make_step(tx, graphdef))
+    x, y = batch(dtype=jnp.bfloat16)
+    losses = []
+    for _ in range(25):
+        params, rest, state, loss = step(params, rest, state, x, y)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert all(np.isfinite(np.asarray(v, np.float32)).all() for v in jax.tree.leaves(state))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@quiet
+def test_works_under_multisteps():
+    inner = sing_jax.singd(0.05, T=1)
+    tx = optax.MultiSteps(inner, every_k_schedule=2)
+    graphdef, params, rest, state = setup(tx)
+    step = jax.jit(make_step(tx, graphdef))
+    x, y = batch()
+    p1, rest, state, _ = step(params, rest, state, x, y)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(p1), strict=True))
+    p2, rest, state, _ = step(p1, rest, state, x, y)
+    assert not np.allclose(p2["head"]["kernel"][...], params["head"]["kernel"][...])
+    assert int(state.inner_opt_state.count) == 1
+    assert step._cache_size() == 1
+
+
+# --- other parameters, overrides, report --------------------------------------------------
+@quiet
+def test_other_params_follow_the_other_transform_and_none_freezes_them():
+    x, y = batch()
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    adam = optax.adam(1e-2)
+    upd, _ = sing_jax.singd(0.1, other=adam).update(
+        grads, sing_jax.singd(0.1, other=adam).init(params), params, singd_stats=caps)
+    ref, _ = adam.update(grads["norm"], adam.init(params["norm"]))
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(upd["norm"][name][...], ref[name][...], rtol=1e-6)
+    frozen = sing_jax.singd(0.1, other=None)
+    upd0, st0 = frozen.update(grads, frozen.init(params), params, singd_stats=caps)
+    assert float(jnp.abs(upd0["norm"]["scale"][...]).max()) == 0.0
+    assert float(jnp.abs(upd0["head"]["kernel"][...]).max()) > 0.0
+    report = sing_jax.singd_report(st0)
+    assert "conv" in report and "head" in report and "norm/scale" in report
+    assert "frozen" in report
+
+
+@quiet
+def test_regex_overrides_structures_hyperparameters_and_exclusion():
+    x, y = batch()
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    tx = sing_jax.singd(0.1, momentum=0.0, structures=("dense", "dense"),
+                        layer_overrides={"^conv$": {"structures": ("diagonal", "tril_toeplitz"),
+                                                    "learning_rate": 0.3}})
+    state = tx.init(params)
+    conv, head = state.layers
+    assert isinstance(conv.k, S.DiagonalMatrix) and isinstance(conv.c, S.TrilToeplitzMatrix)
+    assert isinstance(head.k, S.DenseMatrix)
+    upd, _ = tx.update(grads, state, params, singd_stats=caps)
+    # the same layer with a plain configuration: only the learning rate differs
+    plain = sing_jax.singd(0.1, momentum=0.0, structures=("diagonal", "tril_toeplitz"))
+    upd_plain, _ = plain.update(grads, plain.init(params), params, singd_stats=caps)
+    np.testing.assert_allclose(upd["conv"]["kernel"][...], 3 * upd_plain["conv"]["kernel"][...],
+                               rtol=1e-5)
+    # None sends a layer to `other`
+    excl = sing_jax.singd(0.1, layer_overrides={"head": None}, other=optax.sgd(1.0))
+    st = excl.init(params)
+    assert [lp.config.path for lp in st.layers] == ["conv"]
+    upd_e, _ = excl.update(grads, st, params, singd_stats=caps)
+    np.testing.assert_allclose(upd_e["head"]["kernel"][...], -grads["head"]["kernel"][...])
+
+
+@quiet
+def test_schedules_for_learning_rate_and_lr_cov():
+    x, y = batch()
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+
+    def run(lr, lr_cov, steps=3):
+        tx = sing_jax.singd(lr, momentum=0.0, T=1, lr_cov=lr_cov)
+        st = tx.init(params)
+        outs = []
+        for _ in range(steps):
+            upd, st = tx.update(grads, st, params, singd_stats=caps)
+            outs.append(upd["head"]["kernel"][...])
+        return outs, st
+
+    sched_out, _ = run(lambda t: 0.1 * (t + 1), 1e-2)
+    const_out, _ = run(0.1, 1e-2)
+    # natural gradients are identical; only the step size follows the schedule
+    for t in range(3):
+        np.testing.assert_allclose(sched_out[t], (t + 1) * const_out[t], rtol=1e-5)
+    _, st_sched = run(0.1, lambda t: jnp.where(t == 0, 0.05, 0.0), steps=3)
+    _, st_once = run(0.1, 0.05, steps=1)
+    # a schedule that is zero after step 0 freezes K, C at their step-0 values
+    np.testing.assert_allclose(st_sched.layers[1].k.to_dense(), st_once.layers[1].k.to_dense(),
+                               rtol=1e-6)
+
+
+def test_clear_errors_for_bad_input():
+    params = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="learning_rate must be"):
+        sing_jax.singd(-1.0)
+    with pytest.raises(ValueError, match="alpha1 must be in"):
+        sing_jax.singd(alpha1=1.0)
+    with pytest.raises(ValueError, match="T must be a positive int"):
+        sing_jax.singd(T=0)
+    with pytest.raises(ValueError, match="kfac_approx='mean'"):
+        sing_jax.singd(kfac_approx="mean")
+    with pytest.raises(ValueError, match="unknown structure 'banded'"):
+        sing_jax.singd(structures=("banded", "dense"))
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
+        sing_jax.singd(layer_overrides={"conv": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="layer 'conv': loss_average='token'"):
+        sing_jax.singd(layer_overrides={"conv": {"loss_average": "token"}}).init(params)
+    tx = sing_jax.singd()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="needs the layer statistics"):
+        tx.update(params, state, params)
+    with pytest.raises(ValueError, match="no entry for registered layer 'conv'"):
+        tx.update(params, state, params, singd_stats={})
+    with pytest.warns(UserWarning, match="kfac_like=True ignores alpha1"):
+        sing_jax.singd(kfac_like=True, alpha1=0.5).init(params)
+
+
+# --- IKFAC tracks the running average of A^T A + damping -----------------------------------
+def test_ikfac_inverse_tracks_the_averaged_statistics_to_first_order():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        a_rows = jnp.asarray(rng.normal(size=(16, 3)))
+        g_rows = jnp.asarray(rng.normal(size=(16, 2)) * 0.05)
+        info = capture_lib.LayerInfo("lin", "linear", True, (3, 2))
+        cap = capture_lib.LayerCapture(a_rows, g_rows, info)
+        params = {"lin": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))}}
+        damping = 1e-2
+        a_mat = capture_lib.input_matrix(cap, "expand")
+        g_mat = capture_lib.output_grad_matrix(cap, "expand", "batch")
+        s_k = a_mat.T @ a_mat + damping * jnp.eye(4)
+        s_c = g_mat.T @ g_mat + damping * jnp.eye(2)
+
+        def factors(lr_cov, warm_steps):
+            def cov(t):
+                return jnp.where(t < warm_steps, 0.05, lr_cov)
+
+            tx = sing_jax.singd(0.0, T=1, kfac_like=True, alpha1=0.0, damping=damping,
+                                lr_cov=cov, preconditioner_dtype=None, other=None)
+            st = tx.init(params)
+            ps = []
+            for _ in range(warm_steps + 1):
+                _, st = tx.update(params, st, params, singd_stats={"lin": cap})
+                ps.append(st.layers[0])
+            return ps[-2], ps[-1]
+
+        errors = []
+        for beta in (1e-2, 1e-3):
+            before, after = factors(beta, warm_steps=10)
+            for mat, s in ((lambda lp: lp.k.to_dense(), s_k), (lambda lp: lp.c.to_dense(), s_c)):
+                prec_inv = jnp.linalg.inv(mat(before) @ mat(before).T)
+                new_inv = jnp.linalg.inv(mat(after) @ mat(after).T)
+                predicted = (1 - beta) * prec_inv + beta * s
+                errors.append(float(jnp.abs(new_inv - predicted).max()))
+        # the error of the first-order relation shrinks like beta^2
+        assert errors[2] < errors[0] / 50 and errors[3] < errors[1] / 50, errors
+        assert errors[2] < 1e-5 and errors[3] < 1e-5, errors
+
+
+# --- gradient accumulation ----------------------------------------------------------------
+@quiet
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_gradient_accumulation_equals_one_big_batch(kfac_like):
+    x, y = batch(n=8)
+    tx = sing_jax.singd(0.1, T=1, kfac_like=kfac_like, alpha1=0.0 if kfac_like else 0.5,
+                        lr_cov=0.1)
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    state = tx.init(params)
+    (_, g_big), s_big = sing_jax.singd_value_and_grad(loss_fn, model, x, y, opt_state=state)
+    u_big, st_big = tx.update(g_big, state, params, singd_stats=s_big)
+    micro = []
+    for sl in (slice(0, 4), slice(4, 8)):
+        micro.append(sing_jax.singd_value_and_grad(loss_fn, model, x[sl], y[sl],
+                                                   opt_state=state))
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, micro[0][0][1], micro[1][0][1])
+    stats = sing_jax.accumulate_singd_stats(micro[0][1], micro[1][1])
+    u_acc, st_acc = tx.update(grads, state, params, singd_stats=stats)
+    for a, b in zip(jax.tree.leaves(u_big), jax.tree.leaves(u_acc), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    for lp_a, lp_b in zip(st_big.layers, st_acc.layers, strict=True):
+        np.testing.assert_allclose(lp_a.k.to_dense(), lp_b.k.to_dense(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(lp_a.c.to_dense(), lp_b.c.to_dense(), rtol=1e-5, atol=1e-7)
+
+
+# --- data parallelism ------------------------------------------------------------------------
+@quiet
+def test_four_devices_equal_one_device_under_shard_map_and_jit():
+    devices = np.array(jax.devices()[:4])
+    assert len(devices) == 4
+    mesh = Mesh(devices, ("data",))
+    tx = sing_jax.singd(0.05, T=1, lr_cov=0.05, structures=("dense", "diagonal"))
+    graphdef, params, rest, state = setup(tx)
+    x, y = batch(n=8)
+    single = jax.jit(make_step(tx, graphdef))
+    sharded = jax.jit(jax.shard_map(
+        make_step(tx, graphdef, axis_name="data"), mesh=mesh,
+        in_specs=(P(), P(), P(), P("data"), P("data")), out_specs=P(), check_vma=False))
+    p1, r1, s1 = params, rest, state
+    p4, r4, s4 = params, rest, state
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    pj, rj, sj = params, rest, state
+    for _ in range(2):
+        p1, r1, s1, l1 = single(p1, r1, s1, x, y)
+        p4, r4, s4, l4 = sharded(p4, r4, s4, xs, ys)
+        pj, rj, sj, lj = single(pj, rj, sj, xs, ys)  # plain jit on a sharded batch
+        np.testing.assert_allclose(l4, l1, rtol=1e-5)
+        np.testing.assert_allclose(lj, l1, rtol=1e-5)
+    for other in (p4, pj):
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(other), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for other in (s4, sj):
+        for a, b in zip(jax.tree.leaves(s1.layers), jax.tree.leaves(other.layers), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+@quiet
+def test_orbax_round_trip_continues_identically(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = sing_jax.singd(0.05, T=2, structures=("hierarchical", "block_diagonal"))
+    graphdef, params, rest, state = setup(tx)
+    step = jax.jit(make_step(tx, graphdef))
+    x, y = batch()
+    params, rest, state, _ = step(params, rest, state, x, y)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "ckpt", {"params": params, "opt": state})
+    ckptr.wait_until_finished()
+    restored = ckptr.restore(tmp_path / "ckpt", {"params": params, "opt": state})
+    assert isinstance(restored["opt"].layers[0].k, S.HierarchicalMatrix)
+    a = step(params, rest, state, x, y)
+    b = step(restored["params"], rest, restored["opt"], x, y)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(u, v)
