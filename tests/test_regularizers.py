@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sing_jax
 from sing_jax import ChannelDims
@@ -298,3 +300,26 @@ def test_readme_chain_order():
         updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
         moved.append(bool(np.any(np.asarray(updates["dense"]["kernel"]) != 0)))
     assert moved == [False] * 7 + [True] + [False] * 7 + [True]
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+       radius=st.floats(0.1, 5.0), scale=st.floats(0.01, 10.0), seed=st.integers(0, 1000))
+def test_max_norm_property(shape, radius, scale, seed):
+    rng = np.random.default_rng(seed)
+    p = (scale * rng.normal(size=shape)).astype(np.float32)
+    u = (scale * rng.normal(size=shape)).astype(np.float32)
+    tx = sing_jax.max_norm(radius)
+    out, _ = tx.update({"w": jnp.asarray(u)}, tx.init({"w": p}), {"w": jnp.asarray(p)})
+    new = np.asarray(jnp.asarray(p) + out["w"])
+    axes = tuple(range(len(shape) - 1))
+    plain = np.asarray(jnp.asarray(p) + jnp.asarray(u))
+    plain_norms = np.sqrt(np.sum(plain.astype(np.float64) ** 2, axis=axes))
+    new_norms = np.sqrt(np.sum(new.astype(np.float64) ** 2, axis=axes))
+    assert np.all(new_norms <= radius * (1 + 1e-5))
+    # Channels clearly inside keep p + u bit for bit; clearly outside land on the sphere
+    # (float32 rounding decides the ones within 1e-5 of r).
+    inside = plain_norms <= radius * (1 - 1e-5)
+    outside = plain_norms > radius * (1 + 1e-5)
+    np.testing.assert_array_equal(new[..., inside], plain[..., inside])
+    np.testing.assert_allclose(new_norms[outside], radius, rtol=1e-5)
