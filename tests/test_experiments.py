@@ -1,0 +1,83 @@
+"""The experiment configs (tiny modes), the README main command and reproduce.py."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from experiments.configs import learnable_scaler_vit, quickstart, sing, singd, spherical
+from sing_jax.data import get_info
+from sing_jax.train import optimizers, registry
+from sing_jax.train.loop import _merged, train_and_evaluate, validate_config
+
+TINY_ARGS = [
+    (quickstart, "digits,adamw,tiny"), (quickstart, "mnist1d,singd,tiny"),
+    (spherical, "cifar10,resnet20,adamsrt,tiny"), (spherical, "svhn,vgg16,sgdmrt,tiny"),
+    (spherical, "cifar100,resnet18,adamg,tiny"),
+    (sing, "cifar10,resnet18,constant_cosine,tiny"), (singd, "digits,small_cnn,diagonal,tiny"),
+    (learnable_scaler_vit, "16,192,24,learnable_scaler,tiny"),
+]
+
+
+@pytest.mark.parametrize("module, arg", TINY_ARGS, ids=[a for _, a in TINY_ARGS])
+def test_tiny_configs_build_a_model_and_optimizer(module, arg):
+    config = module.get_config(arg)
+    validate_config(config)
+    config = _merged(config)
+    info = get_info(registry.resolve_dataset(config.dataset.name))
+    kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    # Abstract build (shapes only): the configs' keys are what is tested, not the init.
+    model = nnx.eval_shape(lambda: registry.build_model(
+        config.model.name, info.num_classes, info.image_shape, kwargs, 0))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    tx = optimizers.build_optimizer(config.optimizer, 1e-3, params,
+                                    detect_channel_dims=lambda: None)
+    opt_state = jax.eval_shape(tx.init, params)
+    assert jax.tree.leaves(opt_state)
+
+
+def test_full_configs_follow_the_seed_protocols():
+    c = spherical.get_config("cifar100,vgg16,adamsrt")
+    assert (c.batch_size, c.num_epochs) == (128, 405)
+    assert tuple(c.schedule.decay_epochs) == (135, 225, 315)
+    assert c.optimizer.channel_dims == "conv" and c.optimizer.b2 == 0.99
+    assert spherical.get_config("svhn,resnet18,sgd").dataset.augment is False
+    v = learnable_scaler_vit.get_config("32,288,36,layer")
+    assert (v.optimizer.name, v.optimizer.weight_decay, v.optimizer.clip_grad_norm,
+            v.optimizer.grad_accum_steps, v.compute_dtype) == ("lamb", 0.02, 14.0, 8, "bfloat16")
+    assert (v.model.patch_size, v.model.embed_dim, v.model.depth) == (32, 288, 36)
+    for module, bad, message in [
+            (spherical, "cifar100,resnet20,sgd", "ResNet-20 on cifar10 only"),
+            (spherical, "mnist,resnet18,sgd", "unknown dataset 'mnist'"),
+            (learnable_scaler_vit, "16,192,12,layer", "not a row of the seed 004 table"),
+            (quickstart, "digits,rmsprop", "unknown optimizer 'rmsprop'")]:
+        with pytest.raises(ValueError, match=message):
+            module.get_config(bad)
+
+
+@pytest.mark.slow
+def test_vit_recipe_tiny_trains(tmp_path):
+    # LAMB, clipping, accumulation, the custom schedule and both auxiliary losses.
+    summary = train_and_evaluate(learnable_scaler_vit.get_config("16,192,24,learnable_scaler,tiny"),
+                                 str(tmp_path), quiet=True)
+    assert summary.steps == 1365 // 64
+    assert summary.final_test_accuracy > 0.1
+
+
+@pytest.mark.slow
+def test_readme_main_command_tiny(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", f"--workdir={tmp_path}", "--tiny",
+         "--datasets=digits", "--optimizers=singd"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line.split() for line in out.stdout.splitlines() if line.startswith("digits")]
+    assert [row[1] for row in table] == ["singd"]
+    for row in table:
+        assert 0.0 < float(row[2].rstrip("%")) <= 100.0  # test accuracy at best valid
+        assert float(row[4]) > 0                          # ms per step
+    assert open(tmp_path / "quickstart_digits.png", "rb").read(4) == b"\x89PNG"
