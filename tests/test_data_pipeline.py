@@ -335,3 +335,34 @@ def test_two_real_processes_cover_the_test_set_once(data_dir, tmp_path):
     seen = collections.Counter(h for o in outputs for h in o["seen"])
     expected = collections.Counter(d.hex() for d in _split_digests(data_dir, "test").elements())
     assert seen == expected
+
+
+def test_index_plan_properties_for_many_sizes():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 300))
+        procs = int(rng.integers(1, 5))
+        b = procs * int(rng.integers(1, 40))
+        # eval: every position once over all processes, padding masked
+        steps = -(-n // b)
+        seen = np.concatenate([
+            pos[mask]
+            for step in range(steps)
+            for p in range(procs)
+            for pos, mask in [sd.eval_batch_indices(step, num_examples=n, global_batch_size=b,
+                                                    process_index=p, process_count=procs)]
+        ])  # fmt: skip
+        np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+        if n < b:
+            continue
+        # train: each epoch's batches are distinct positions, floor(n / b) * b of them
+        per_epoch = n // b
+        for epoch in range(2):
+            rows = np.concatenate([
+                sd.train_batch_indices(epoch * per_epoch + k, num_examples=n,
+                                       global_batch_size=b, process_index=p,
+                                       process_count=procs, seed=7)
+                for k in range(per_epoch) for p in range(procs)
+            ])  # fmt: skip
+            assert len(rows) == per_epoch * b == len(np.unique(rows))
+            assert rows.min() >= 0 and rows.max() < n
