@@ -81,3 +81,16 @@ def test_readme_main_command_tiny(tmp_path):
         assert 0.0 < float(row[2].rstrip("%")) <= 100.0  # test accuracy at best valid
         assert float(row[4]) > 0                          # ms per step
     assert open(tmp_path / "quickstart_digits.png", "rb").read(4) == b"\x89PNG"
+
+
+def test_reproduce_table_mean_std_and_layout():
+    from experiments.reproduce import format_table, mean_std
+
+    assert mean_std([0.9]) == (90.0, 0.0)
+    mean, std = mean_std([0.90, 0.92, 0.94])
+    assert abs(mean - 92.0) < 1e-9 and abs(std - 2.0) < 1e-9
+    table = format_table("CIFAR10 resnet20", [("SGD-M", [0.9, 0.92, 0.94], (92.39, 0.12)),
+                                              ("Adam", [0.91], None)]).splitlines()
+    assert table[0] == "| Method | CIFAR10 resnet20 (ours) | CIFAR10 resnet20 (published) |"
+    assert table[2] == "| SGD-M | 92.00 (2.00) | 92.39 (0.12) |"
+    assert table[3] == "| Adam | 91.00 (0.00) | - |"
