@@ -143,7 +143,7 @@ def test_unknown_dataset_lists_valid_names(data_dir):
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not prepared.*tfds build cifar10.*source_dir"):
         sd.get_pipeline("cifar10", "train", 8, data_dir=tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"manual_dir=MANUAL"):
+    with pytest.raises(FileNotFoundError, match=r"manual_dir='MANUAL'"):
         sd.get_pipeline("imagenet2012", "test", 8, data_dir=tmp_path / "empty")
 
 

@@ -83,9 +83,10 @@ class DatasetSpec:
 
 
 _CIFAR_HINT = (
-    "run `tfds build {name} --data_dir=DATA_DIR` on a machine with network, or, offline, put "
-    "the original archive ({archive}) in a directory SRC and call "
-    "sing_jax.data.prepare('{name}', DATA_DIR, source_dir=SRC)"
+    "run `tfds build {name} --file_format=array_record --data_dir=DATA_DIR` (needs TensorFlow "
+    "and network), or, offline and without TensorFlow, put "
+    "the original download ({archive}) in a directory SRC and call "
+    "sing_jax.data.prepare('{name}', 'DATA_DIR', source_dir='SRC')"
 )
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", "train", "test", 10, (8, 8, 1), "scale", scale=1 / 16,
@@ -112,9 +113,10 @@ DATASETS: dict[str, DatasetSpec] = {
                                 prepare_hint=(
                                     "ImageNet cannot be downloaded: put ILSVRC2012_img_train.tar "
                                     "and ILSVRC2012_img_val.tar in a manual dir MANUAL and call "
-                                    "sing_jax.data.prepare('imagenet2012', DATA_DIR, "
-                                    "manual_dir=MANUAL) (or `tfds build imagenet2012 "
-                                    "--manual_dir=MANUAL --data_dir=DATA_DIR`)")),
+                                    "sing_jax.data.prepare('imagenet2012', 'DATA_DIR', "
+                                    "manual_dir='MANUAL') (or `tfds build imagenet2012 "
+                                    "--manual_dir=MANUAL --data_dir=DATA_DIR "
+                                    "--file_format=array_record` with TensorFlow)")),
 }  # fmt: skip
 
 SPLITS = ("train", "validation", "test")
@@ -166,9 +168,10 @@ def _sources(name: str, data_dir: str | None):
     except Exception as err:
         if builder.is_prepared():
             raise
+        root = str(builder.data_dir_root)
         raise FileNotFoundError(
-            f"dataset {name!r} is not prepared in data dir {builder.data_dir_root!r} "
-            f"and cannot be downloaded here; to prepare it, {spec.prepare_hint}"
+            f"dataset {name!r} is not prepared in data dir {root!r} and cannot be downloaded "
+            f"here; to prepare it, {spec.prepare_hint.replace('DATA_DIR', root)}"
         ) from err
 
 
