@@ -180,6 +180,8 @@ def test_grad_norm_monitor_keeps_a_window_and_reads_diagnostics_metrics():
     assert monitor.full and len(monitor.losses) == 30
     np.testing.assert_allclose(monitor.grad_norms["head/kernel"], norms["head/kernel"][-30:])
     assert monitor.check().leaves == ("blocks/0/ln1/scale",)
+    with pytest.warns(UserWarning, match=r"blocks/0/ln1/scale: \+\d+%"):
+        monitor.check(warn=True)
 
     # With real metrics: linear regression trained with SGD, nothing rises.
     rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ whose gradient norm keeps rising while the loss falls.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -315,6 +316,13 @@ class GradNormMonitor:
         """True once ``window`` steps were recorded."""
         return len(self.losses) >= self.window
 
-    def check(self) -> RisingGradNorms:
-        """:func:`find_rising_grad_norms` over the recorded window."""
-        return find_rising_grad_norms(self.losses, self.grad_norms, min_rise=self.min_rise)
+    def check(self, warn: bool = False) -> RisingGradNorms:
+        """:func:`find_rising_grad_norms` over the recorded window.
+
+        With ``warn=True`` a flagged window is also reported as a ``UserWarning``
+        carrying the report's message.
+        """
+        report = find_rising_grad_norms(self.losses, self.grad_norms, min_rise=self.min_rise)
+        if warn and report.leaves:
+            warnings.warn(report.message, stacklevel=2)
+        return report
