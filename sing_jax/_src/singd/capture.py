@@ -159,23 +159,43 @@ def _check_options(kfac_approx: str, loss_average: str | None) -> None:
         )
 
 
+def _explicit_padding(info: LayerInfo, in_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    if not isinstance(info.padding, str):
+        return info.padding
+    kh, kw = info.kernel_shape[:2]
+    dilated = [(k - 1) * d + 1 for k, d in zip((kh, kw), info.dilation, strict=True)]
+    return tuple(jax.lax.padtype_to_pads(in_hw, dilated, info.strides, info.padding))
+
+
 def conv_patches(x: Array, info: LayerInfo) -> Array:
-    """Unfolded conv input, ``(B, O1, O2, C_in/groups * kH * kW)``, groups averaged."""
+    """Unfolded conv input, ``(B, O1, O2, C_in/groups * kH * kW)``, groups averaged.
+
+    The feature order is (input channel, kernel row, kernel column), the same as
+    ``jax.lax.conv_general_dilated_patches`` and PyTorch's ``weight.flatten(1)``; the
+    patches are gathered with strided slices (no convolution), which stays fast on CPU
+    inside ``lax.cond``.
+    """
     kh, kw, cin_g, _ = info.kernel_shape
     if x.ndim < 4:
         raise ValueError(f"layer {info.path!r}: conv input must be (..., H, W, C), got {x.shape}")
     x = x.reshape((-1,) + x.shape[-3:])
     if info.groups > 1:
         x = x.reshape(x.shape[:3] + (info.groups, cin_g)).mean(axis=3)
-    return jax.lax.conv_general_dilated_patches(
-        x,
-        filter_shape=(kh, kw),
-        window_strides=info.strides,
-        padding=info.padding,
-        rhs_dilation=info.dilation,
-        dimension_numbers=("NHWC", "OIHW", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, x.shape[1:3])
+    x = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
+    (sh, sw), (dh, dw) = info.strides, info.dilation
+    out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            taps.append(jax.lax.slice(
+                x, (0, i * dh, j * dw, 0),
+                (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1,
+                 x.shape[3]),
+                (1, sh, sw, 1)))
+    patches = jnp.stack(taps, axis=-1)  # (B, O1, O2, C, kh*kw)
+    return patches.reshape(patches.shape[:3] + (-1,))
 
 
 def input_matrix(capture: LayerCapture, kfac_approx: str = "expand",

@@ -670,23 +670,25 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
         state = _find_singd_state(opt_state)
         period = state.registration.value.T
 
-        def captured(_):
-            value, grads, captures, new_rest = run(True)
-            return value, grads, singd_curvature(state, captures), new_rest
-
-        def skipped(_):
-            value, grads, _, new_rest = run(False)
-            return value, grads, {lp.config.path: zero_curvature(lp) for lp in state.layers}, \
-                new_rest
+        def zeros(_):
+            return {lp.config.path: zero_curvature(lp) for lp in state.layers}
 
         count = _concrete_int(state.count)
-        if period == 1 or (count is not None and count % period == 0):
-            value, grads, stats, new_rest = captured(None)
-        elif count is not None:
-            value, grads, stats, new_rest = skipped(None)
+        if count is not None and count % period != 0:
+            # a known skip step: a plain value_and_grad, no capture work at all
+            value, grads, _, new_rest = run(False)
+            stats = zeros(None)
         else:
-            value, grads, stats, new_rest = jax.lax.cond(
-                state.count % period == 0, captured, skipped, None)
+            # Under jit the capture itself is nearly free (the inputs are kept for the
+            # backward pass anyway, the output cotangents are computed anyway); only the
+            # curvature products sit behind lax.cond. Forward/backward stay outside the
+            # cond, where XLA:CPU runs convolutions with its fast kernels.
+            value, grads, captures, new_rest = run(True)
+            if period == 1 or count is not None:
+                stats = singd_curvature(state, captures)
+            else:
+                stats = jax.lax.cond(state.count % period == 0,
+                                     lambda c: singd_curvature(state, c), zeros, captures)
     if axis_name is not None:
         value, grads = jax.lax.pmean((value, grads), axis_name)
         if opt_state is not None:

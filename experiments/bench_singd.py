@@ -1,0 +1,240 @@
+"""Benchmark: SINGD train-step time and preconditioner memory, ours vs optax SGD vs PyTorch.
+
+Models (batch 128): an MLP 784-1024-1024-10 and a small CNN (3 conv + 2 dense on
+32x32x3). For each structure and T, the full jitted train step (forward, backward,
+capture, preconditioner refresh every T steps, update; buffers donated) is timed
+against ``optax.sgd(momentum=0.9)`` on the same model and against the PyTorch
+``singd`` package (if installed) on the same architecture, in the same process.
+Times are medians over ``--repeats`` windows of ``T`` steps, after warm-up. The
+memory column is the size of the preconditioner state (K, C, m_K, m_C) in bytes.
+
+    python experiments/bench_singd.py                 # everything (a few minutes)
+    python experiments/bench_singd.py --quick         # CNN only, fewer structures
+
+The last line is the headline ratio: our T=1 step over the PyTorch step (worst
+structure, CNN), and our diagonal T=10 step over SGD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import sing_jax
+
+STRUCTURES = {  # ours -> PyTorch reference name
+    "dense": "dense",
+    "diagonal": "diagonal",
+    "block_diagonal": "block30diagonal",
+    "hierarchical": "hierarchical15_15",
+    "tril_toeplitz": "triltoeplitz",
+}
+BATCH = 128
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(784, 1024, rngs=rngs)
+        self.l2 = nnx.Linear(1024, 1024, rngs=rngs)
+        self.l3 = nnx.Linear(1024, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.l1(x.reshape(x.shape[0], -1)))
+        return self.l3(jax.nn.relu(self.l2(h)))
+
+
+class CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(3, 32, (3, 3), rngs=rngs)
+        self.c2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
+        self.c3 = nnx.Conv(64, 64, (3, 3), rngs=rngs)
+        self.d1 = nnx.Linear(4 * 4 * 64, 256, rngs=rngs)
+        self.d2 = nnx.Linear(256, 10, rngs=rngs)
+
+    def __call__(self, x):
+        for conv in (self.c1, self.c2, self.c3):
+            x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
+        return self.d2(jax.nn.relu(self.d1(x.reshape(x.shape[0], -1))))
+
+
+def torch_model(name):
+    import torch
+
+    nn = torch.nn
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                             nn.ReLU(), nn.Linear(1024, 10))
+    layers = []
+    for cin, cout in ((3, 32), (32, 64), (64, 64)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    layers += [nn.Flatten(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10)]
+    return nn.Sequential(*layers)
+
+
+def data(name, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (BATCH, 28, 28, 1) if name == "mlp" else (BATCH, 32, 32, 3)
+    return rng.normal(size=shape).astype(np.float32), rng.integers(0, 10, BATCH)
+
+
+def loss_fn(model, x, y):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def time_windows(run_window, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_window()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_ours(name, structure, T, repeats):
+    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = sing_jax.singd(1e-2, T=T, structures=(structure, structure))
+    state = tx.init(params)
+
+    def step(params, rest, opt_state, x, y):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        (loss, grads), stats = sing_jax.singd_value_and_grad(loss_fn, m, x, y,
+                                                             opt_state=opt_state)
+        updates, opt_state = tx.update(grads, opt_state, params, singd_stats=stats)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 2))
+    x, y = (jnp.asarray(a) for a in data(name))
+    carry = [params, state]
+
+    def window():
+        for _ in range(T):
+            carry[0], carry[1], loss = step(carry[0], rest, carry[1], x, y)
+        loss.block_until_ready()
+
+    window()  # compile + warm-up
+    seconds = time_windows(window, repeats) / T
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(carry[1].layers))
+    return seconds, nbytes
+
+
+def bench_sgd(name, repeats, steps=10):
+    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(1e-2, momentum=0.9)
+    state = tx.init(params)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    x, y = (jnp.asarray(a) for a in data(name))
+    carry = [params, state]
+
+    def window():
+        for _ in range(steps):
+            carry[0], carry[1], loss = step(carry[0], carry[1], x, y)
+        loss.block_until_ready()
+
+    window()
+    return time_windows(window, repeats) / steps
+
+
+def bench_torch(name, structure, T, repeats):
+    try:
+        import torch
+        from singd.optim.optimizer import SINGD
+    except ImportError:
+        return float("nan")
+    torch.manual_seed(0)
+    model = torch_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SINGD(model, lr=1e-2, T=T, structures=(STRUCTURES[structure],) * 2)
+    xb, yb = data(name)
+    x = torch.tensor(xb.transpose(0, 3, 1, 2).copy())
+    y = torch.tensor(yb)
+
+    def window():
+        for _ in range(T):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    window()
+    return time_windows(window, repeats) / T
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large array copy (read + write), the memory-traffic unit."""
+    a = np.ones(32 * 2**20 // 8)
+    start = time.perf_counter()
+    for _ in range(5):
+        a.copy()
+    return 5 * 2 * a.nbytes / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES))
+    parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="CNN only; dense, diagonal, tril_toeplitz")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.structures = ["cnn"], ["dense", "diagonal", "tril_toeplitz"]
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, len(jax.devices("cpu")) and 2))
+    except ImportError:
+        pass
+    bandwidth = copy_bandwidth()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    header = (f"{'model':<5} {'structure':<15} {'T':>3} {'ours ms':>9} {'sgd ms':>8} "
+              f"{'torch ms':>9} {'ours/torch':>10} {'ours/sgd':>9} {'precond KiB':>11} "
+              f"{'floor ms':>8}")
+    print(header)
+    print("-" * len(header))
+    worst_t1, diag_t10 = 0.0, float("nan")
+    for name in args.models:
+        sgd = bench_sgd(name, args.repeats)
+        model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+        param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        for structure in args.structures:
+            for T in args.T:
+                ours, nbytes = bench_ours(name, structure, T, args.repeats)
+                ref = float("nan") if args.no_torch else bench_torch(name, structure, T,
+                                                                     args.repeats)
+                # the update reads params, grads, momentum, the factors and writes
+                # params, momentum (and the factors every T steps)
+                floor = (5 * param_bytes + nbytes * (1 + 2 / T)) / bandwidth
+                print(f"{name:<5} {structure:<15} {T:>3} {ours * 1e3:>9.1f} {sgd * 1e3:>8.1f} "
+                      f"{ref * 1e3:>9.1f} {ours / ref:>10.2f} {ours / sgd:>9.2f} "
+                      f"{nbytes / 1024:>11.1f} {floor * 1e3:>8.2f}", flush=True)
+                if name == "cnn" and T == 1 and np.isfinite(ref):
+                    worst_t1 = max(worst_t1, ours / ref)
+                if name == "cnn" and T == 10 and structure == "diagonal":
+                    diag_t10 = ours / sgd
+    print(f"headline: ours/torch at T=1 (worst structure, CNN) = {worst_t1:.2f} (target <= 0.5); "
+          f"ours/sgd diagonal T=10 (CNN) = {diag_t10:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
