@@ -13,9 +13,15 @@ from sing_jax._src import hyperparams
 
 
 class LookaheadState(NamedTuple):
-    """State of :func:`lookahead`: steps since the last sync and the slow weights."""
+    """State of :func:`lookahead`.
+
+    ``slow`` holds the slow weights, except right after a synchronisation
+    (``sync_pending``), when the slow weights are the current parameters and are
+    copied in at the next update; :func:`lookahead_slow_weights` resolves both.
+    """
 
     count: chex.Array  # int32, steps since the last synchronisation
+    sync_pending: chex.Array  # bool: the last step synchronised
     slow: optax.Params
 
 
@@ -37,6 +43,13 @@ def lookahead(sync_period: int = 5, alpha: float = 0.5) -> optax.GradientTransfo
     needs the final (learning-rate-scaled) updates. The inner optimizer's moments
     are not reset at a sync.
 
+    After a sync the new slow weights *are* the parameters that the update
+    produces, so instead of writing them from the update (which makes XLA
+    compute the whole upstream chain twice), the state marks the sync as
+    pending and copies the parameters in at the start of the next update. This
+    assumes the parameters given to the next update are the result of applying
+    this one (``optax.apply_updates``), which is how optimizers are used.
+
     Args:
       sync_period: steps between synchronisations (``k``), an integer >= 1.
       alpha: weight of the fast weights at a sync, in ``[0, 1]`` (``optax.lookahead``'s
@@ -50,29 +63,25 @@ def lookahead(sync_period: int = 5, alpha: float = 0.5) -> optax.GradientTransfo
 
     def init_fn(params):
         slow = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
-        return LookaheadState(jnp.zeros([], jnp.int32), slow)
+        return LookaheadState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_), slow)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(optax.NO_PARAMS_MSG)
+        slow = lookahead_slow_weights(state, params)
         count = state.count + 1
         sync = count >= sync_period
-
-        def step(u, p, slow):
-            fast = (p + u).astype(p.dtype)
-            synced = (alpha * fast + (1 - alpha) * slow).astype(p.dtype)
-            out = jnp.where(sync, synced - p, u).astype(u.dtype)
-            return out, jnp.where(sync, synced, slow)
-
-        # Flattened rather than tree-mapped to a tree of pairs: a params tree may
-        # itself contain 2-tuples, which a pair-detecting is_leaf would swallow.
-        u_leaves, u_def = jax.tree.flatten(updates)
-        slow_leaves, slow_def = jax.tree.flatten(state.slow)
-        outs = [step(u, p, s) for u, p, s in zip(u_leaves, jax.tree.leaves(params),
-                                                  slow_leaves)]
-        new_updates = u_def.unflatten([o for o, _ in outs])
-        new_slow = slow_def.unflatten([s for _, s in outs])
+        pull = jnp.where(sync, 1 - alpha, 0.0)
+        # On a sync: p + u + (1 - alpha)(slow - p - u) = alpha (p + u) + (1 - alpha) slow.
+        new_updates = jax.tree.map(
+            lambda u, p, s: (u + pull * (s - p - u)).astype(u.dtype), updates, params, slow)
         return new_updates, LookaheadState(jnp.where(sync, 0, count).astype(jnp.int32),
-                                           new_slow)
+                                           sync, slow)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lookahead_slow_weights(state: LookaheadState, params: optax.Params) -> optax.Params:
+    """The slow weights of a :func:`lookahead` state, given the current parameters."""
+    return jax.tree.map(lambda p, s: jnp.where(state.sync_pending, p, s).astype(s.dtype),
+                        params, state.slow)
