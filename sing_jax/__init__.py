@@ -33,6 +33,7 @@ from sing_jax._src.spherical import (
     transport_second_moment,
 )
 from sing_jax._src.standardize import (
+    centralize_and_normalize_gradients,
     centralize_gradients,
     normalize_gradients,
     output_channel_dims,

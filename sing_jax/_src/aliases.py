@@ -14,6 +14,7 @@ from sing_jax._src.adam import scale_by_softplus_adam
 from sing_jax._src.channels import ChannelDimsSpec
 from sing_jax._src.lookahead import lookahead
 from sing_jax._src.standardize import (
+    centralize_and_normalize_gradients,
     centralize_gradients,
     normalize_gradients,
     output_channel_dims,
@@ -56,7 +57,9 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
 
     The chain is ``centralize_gradients -> normalize_gradients ->
     scale_by_softplus_adam -> add_decayed_weights(mask) -> scale_by_learning_rate ->
-    lookahead``; each piece is exported on its own.
+    lookahead``, with the first two fused into
+    :func:`sing_jax.centralize_and_normalize_gradients` when both are on; each
+    piece is exported on its own.
 
     Args:
       learning_rate: a float or an optax schedule (about 10x AdamW's, seed 000).
@@ -103,10 +106,13 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
         hyperparams.check_unit_interval("sing", "lookahead_alpha", lookahead_alpha,
                                         include_one=True)
     parts = []
-    if centralize:
-        parts.append(centralize_gradients(
-            output_channel_dims if centralize_channel_dims is None else centralize_channel_dims))
-    if normalize:
+    centralize_spec = (output_channel_dims if centralize_channel_dims is None
+                       else centralize_channel_dims)
+    if centralize and normalize:
+        parts.append(centralize_and_normalize_gradients(centralize_spec, eps))
+    elif centralize:
+        parts.append(centralize_gradients(centralize_spec))
+    elif normalize:
         parts.append(normalize_gradients(eps))
     parts += [
         scale_by_softplus_adam(b1, b2, eps, softplus_beta),
