@@ -12,6 +12,12 @@ from sing_jax._src.channels import leaf_paths
 from sing_jax.nn.models import MLP, CifarResNet, ViT, resnet20
 
 
+def _fast_rngs(seed: int = 0) -> nnx.Rngs:
+    # RBG keys compile far faster than threefry for each new parameter shape; these
+    # tests need parameters, not particular random statistics
+    return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
 # ------------------------------------------------------------------ LearnableScaler
 @pytest.mark.parametrize("shape", [(2, 5, 6), (2, 4, 4, 6)], ids=["tokens", "images"])
 def test_learnable_scaler_is_a_x_plus_b(shape):
@@ -91,7 +97,7 @@ def test_batch_norm_train_eval_and_running_stats():
 # ------------------------------------------------------------------ replace_norms
 def _small_vit(norm="layer"):
     return ViT(10, image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
-               norm=norm, rngs=nnx.Rngs(0))
+               norm=norm, rngs=_fast_rngs())
 
 
 def test_replace_norms_layer_norm_to_learnable_scaler_in_vit():
@@ -150,7 +156,7 @@ def _trained_stats(model, x, steps=3):
 
 
 def test_fold_batch_norms_cifar_resnet_equals_eval_model():
-    model = CifarResNet(8, rngs=nnx.Rngs(0))  # ResNet-20's blocks, one per stage
+    model = CifarResNet(8, rngs=_fast_rngs())  # ResNet-20's blocks, one per stage
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     _trained_stats(model, x)
     expected = model(x)
@@ -163,7 +169,7 @@ def test_fold_batch_norms_cifar_resnet_equals_eval_model():
 
 
 def test_fold_batch_norms_mlp_linear_and_strict():
-    model = MLP(12, (16, 16), 5, norm="batch", rngs=nnx.Rngs(0))
+    model = MLP(12, (16, 16), 5, norm="batch", rngs=_fast_rngs())
     x = jax.random.normal(jax.random.key(2), (8, 12))
     _trained_stats(model, x)
     folded = snn.fold_batch_norms(model, x)
@@ -248,7 +254,7 @@ def test_init_bad_name_and_reinit_zero_bias():
     with pytest.raises(ValueError, match="activation='softsign'"):
         snn.init_for_activation("softsign")
     assert snn.init_scheme("mish") == "he" and snn.init_scheme("sigmoid") == "glorot"
-    model = MLP(64, (256,), 10, rngs=nnx.Rngs(0))
+    model = MLP(64, (256,), 10, rngs=_fast_rngs())
     model.linears[0].bias[...] = jnp.ones(256)
     assert snn.reinit_by_activation(model, "selu", rngs=nnx.Rngs(1)) == 2
     np.testing.assert_array_equal(model.linears[0].bias[...], 0.0)
