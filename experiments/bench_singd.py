@@ -5,7 +5,9 @@ Models (batch 128): an MLP 784-1024-1024-10 and a small CNN (3 conv + 2 dense on
 capture, preconditioner refresh every T steps, update; buffers donated) is timed
 against ``optax.sgd(momentum=0.9)`` on the same model and against the PyTorch
 ``singd`` package (if installed) on the same architecture, in the same process.
-Times are medians over ``--repeats`` windows of ``T`` steps, after warm-up. The
+Times are medians over ``--repeats`` windows of ``T`` steps, after warm-up (PyTorch at
+T > 1: (refresh step + (T-1) x median skip step) / T, the refresh step being the T=1
+time, so that slow structures stay affordable). The
 memory column is the size of the preconditioner state (K, C, m_K, m_C) in bytes.
 
     python experiments/bench_singd.py                 # everything (a few minutes)
@@ -152,7 +154,9 @@ def bench_sgd(name, repeats, steps=10):
     return time_windows(window, repeats) / steps
 
 
-def bench_torch(name, structure, T, repeats):
+def bench_torch(name, structure, T, repeats, refresh_seconds=None):
+    """PyTorch step time; for T > 1 the mean over a period of T steps, from the time of a
+    refresh step (the T=1 measurement, passed in) and the median of skip steps."""
     try:
         import torch
         from singd.optim.optimizer import SINGD
@@ -167,14 +171,21 @@ def bench_torch(name, structure, T, repeats):
     x = torch.tensor(xb.transpose(0, 3, 1, 2).copy())
     y = torch.tensor(yb)
 
-    def window():
-        for _ in range(T):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+    def one_step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
 
-    window()
-    return time_windows(window, repeats) / T
+    if T == 1 or refresh_seconds is None:
+        def window():
+            for _ in range(T):
+                one_step()
+
+        window()
+        return time_windows(window, repeats) / T
+    one_step()  # step 0 refreshes; the next T-1 steps do not
+    skip = time_windows(one_step, min(repeats + 1, T - 1))
+    return (refresh_seconds + (T - 1) * skip) / T
 
 
 def copy_bandwidth() -> float:
@@ -218,10 +229,12 @@ def main():
         model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
         param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
         for structure in args.structures:
-            for T in args.T:
+            refresh = None
+            for T in sorted(args.T):
                 ours, nbytes = bench_ours(name, structure, T, args.repeats)
-                ref = float("nan") if args.no_torch else bench_torch(name, structure, T,
-                                                                     args.repeats)
+                ref = float("nan") if args.no_torch else bench_torch(
+                    name, structure, T, args.repeats, refresh)
+                refresh = ref if T == 1 else refresh
                 # the update reads params, grads, momentum, the factors and writes
                 # params, momentum (and the factors every T steps)
                 floor = (5 * param_bytes + nbytes * (1 + 2 / T)) / bandwidth
