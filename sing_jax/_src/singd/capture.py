@@ -15,9 +15,11 @@ where :math:`\tilde x` are the rows of the (unfolded, for conv) input (KFAC-expa
 every position is a row; KFAC-reduce: averaged over shared positions), the column of
 ones is present when the layer has a bias, and :math:`c` is the number of loss terms
 the loss averages over (``"batch"``: :math:`B`; ``"batch+sequence"``: :math:`B S`;
-``None``: 1). Conv patches come from ``jax.lax.conv_general_dilated_patches`` with the
+``None``: 1). Conv patches are what ``jax.lax.conv_general_dilated_patches`` returns
+(gathered here with strided slices, fast inside ``lax.cond`` on CPU), with the
 feature order (input channel, kernel row, kernel column), i.e. PyTorch's
-``weight.flatten(1)``; grouped convolutions average the input channels over groups.
+``weight.flatten(1)``, matching the kernel reshaped to :math:`(C_{out}, C_{in}/g\,
+k_H k_W)`; grouped convolutions average the input channels over groups.
 """
 
 from __future__ import annotations
