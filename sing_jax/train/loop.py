@@ -183,6 +183,13 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
 
     validate_config(config)
     config = _merged(config)
+    # Names and keys first: a typo fails before any data or model is built.
+    registry.resolve_dataset(config.dataset.name)
+    if config.model.name not in registry.model_names():
+        raise ValueError(f"unknown model {config.model.name!r}; valid names: "
+                         f"{registry.model_names()}")
+    optimizers.optimizer_kwargs(config.optimizer)
+    optimizers.build_schedule(config.schedule, 1.0, 1, 1)
     is_main = jax.process_index() == 0
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if (is_main and not quiet) \
         else (lambda *a: None)

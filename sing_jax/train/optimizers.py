@@ -98,6 +98,14 @@ def optimizer_kwargs(opt_cfg: Any) -> tuple[str, dict[str, Any]]:
     if unknown:
         raise ValueError(f"config.optimizer: {name} takes no key(s) {unknown}; its keys are "
                          f"{sorted(accepted)} plus {list(TRAINING_KEYS)}")
+    spec_mode = cfg.get("channel_dims", "none") or "none"
+    if spec_mode not in CHANNEL_DIMS_MODES:
+        raise ValueError(f"config.optimizer.channel_dims={spec_mode!r}; expected one of "
+                         f"{CHANNEL_DIMS_MODES}")
+    if spec_mode != "none" and not OPTIMIZERS[name][1]:
+        raise ValueError(f"config.optimizer.channel_dims={spec_mode!r} but {name} has no "
+                         "channel geometry; use one of adams, adamsrt, sgdmrt, adamg or "
+                         "channel_dims='none'")
     for key, value in kwargs.items():
         if isinstance(value, list):  # ml_collections/JSON turn tuples into lists
             kwargs[key] = tuple(value)
@@ -166,13 +174,8 @@ def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params:
     cfg = _as_dict(opt_cfg)
     name, kwargs = optimizer_kwargs(cfg)
     constructor, takes_channel_dims = OPTIMIZERS[name]
-    spec_mode = cfg.get("channel_dims", "none") or "none"
     if takes_channel_dims:
         kwargs["channel_dims"] = channel_dims_spec(cfg, params, detect_channel_dims)
-    elif spec_mode != "none":
-        raise ValueError(f"config.optimizer.channel_dims={spec_mode!r} but {name} has no "
-                         "channel geometry; use one of adams, adamsrt, sgdmrt, adamg or "
-                         "channel_dims='none'")
     tx = constructor(learning_rate, **kwargs)
     clip = cfg.get("clip_grad_norm")
     if clip:

@@ -297,8 +297,12 @@ class ParallelStep:
             self._fn = jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), out_axes=out_axes,
                                 donate_argnums=donate, devices=devices)
             self.num_shards = len(devices) if devices else jax.local_device_count()
-        self.num_local_shards = (len(self.mesh.local_devices) if parallel == "shard_map"
-                                 else self.num_shards)
+        if parallel == "shard_map":
+            self.num_local_shards = len(self.mesh.local_devices)
+        elif devices:
+            self.num_local_shards = sum(d.process_index == jax.process_index() for d in devices)
+        else:
+            self.num_local_shards = jax.local_device_count()
 
     def place_state(self, state: TrainState) -> TrainState:
         """Replicates the state over the mesh (shard_map) or leaves it as is (pmap)."""
