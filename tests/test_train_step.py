@@ -151,3 +151,17 @@ def test_singd_step_four_devices_equal_one_device():
     _assert_trees_close(one_hist, four_hist)
     _assert_trees_close(one, four, rtol=1e-4, atol=1e-5)
     assert float(four["epoch_metrics"]["count"]) == 3 * 16
+
+
+def test_mixup_cutmix_in_the_step_trains_on_soft_labels():
+    def run(mixing):
+        tx = optax.sgd(0.1)
+        state = train.TrainState.create(TinyConvNet(rngs=nnx.Rngs(0)), tx, rng=0)
+        step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:2]),
+                                     options=train.StepOptions(mixing=mixing))
+        _, metrics = step(step.place_state(state), tiny_batch())
+        return float(metrics["loss"])
+
+    plain = run(None)
+    mixed = run((3, 0.0, 1.0, 0.1))  # CutMix only, smoothed soft labels
+    assert np.isfinite(mixed) and abs(mixed - plain) > 1e-3

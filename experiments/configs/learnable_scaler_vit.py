@@ -7,8 +7,9 @@ Recipe (spec section 7): LAMB, lr 5e-3 (LearnableScaler runs: the seed advises
 0.003-0.004 of LayerNorm's 0.005, so 4e-3), weight decay 0.02, gradient clipping 14,
 gradient accumulation 8 (x 256 = 2048 images per update), the ``custom`` schedule
 (factor 0.8, threshold 0.5), bf16 mixed precision, 300 epochs, feature-decay loss 0.1
-and attention loss 0.03 on the first 6 blocks, RandAugment (in the ImageNet pipeline);
-mixup/cutmix are applied by ``sing_jax.data`` where its ImageNet spec asks for them.
+and attention loss 0.03 on the first 6 blocks, RandAugment (in the ImageNet pipeline),
+mixup 0.1 / cutmix 1.0 with label smoothing 0.1 (the ImageNet spec of ``sing_jax.data``,
+applied on device in the train step; ``dataset.mix=False`` turns it off).
 
 ``tiny`` (CI): digits, a 2-block ViT with patch 4 and width 16, 1 epoch, float32.
 """

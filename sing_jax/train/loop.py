@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
         data_dir="",                 # '' = $SING_JAX_DATA_DIR or TFDS's default
         validation_fraction=-1.0,    # < 0 = the dataset's default hold-out
         augment=True,
+        mix=True,                    # the dataset recipe's mixup/cutmix, where it has one
     ))
     c.model = ml_collections.ConfigDict(dict(name="small_cnn"))  # + the model's kwargs
     c.optimizer = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3))
@@ -267,12 +268,16 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
+    spec = sdata.DATASETS[dataset]
+    mixing = None
+    if config.dataset.mix and config.dataset.augment and (spec.mixup_alpha or spec.cutmix_alpha):
+        mixing = (info.num_classes, spec.mixup_alpha, spec.cutmix_alpha, spec.label_smoothing)
     options = StepOptions(sync_batch_stats=config.sync_batch_stats,
                           compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                           label_smoothing=config.label_smoothing,
                           grad_norms=config.logging.grad_norms,
                           aux_loss=_aux_loss_fn(config),
-                          singd=config.optimizer.name == "singd",
+                          singd=config.optimizer.name == "singd", mixing=mixing,
                           singd_period=(1 if accum > 1 else
                                         int(config.optimizer.get("T", 10))))
     train_step = make_train_step(tx, parallel=config.parallel, mesh=mesh, options=options)

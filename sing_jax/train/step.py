@@ -111,11 +111,18 @@ def _batch_weights(batch: Batch, labels: jax.Array) -> jax.Array:
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                        label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-shard mean cross-entropy and the (unreduced) sums of loss, correct, count."""
+                        label_smoothing: float = 0.0, soft_targets: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-shard mean cross-entropy and the (unreduced) sums of loss, correct, count.
+
+    ``soft_targets`` (mixup/cutmix) replace the one-hot labels in the loss; accuracy is
+    always measured against ``labels``.
+    """
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
-    if label_smoothing:
+    if soft_targets is not None:
+        per_example = optax.softmax_cross_entropy(logits, soft_targets)
+    elif label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
         per_example = optax.softmax_cross_entropy(logits, targets)
     else:
@@ -144,6 +151,9 @@ class StepOptions:
         averaged over the devices) and passes them to ``tx.update``.
       singd_period: capture only on steps with ``step % singd_period == 0`` (SINGD's
         ``T``; keep 1 with gradient accumulation, where steps count micro-batches).
+      mixing: ``(num_classes, mixup_alpha, cutmix_alpha, label_smoothing)``: mix each
+        device's shard with :func:`sing_jax.data.augment.mix_batch` (a key from
+        ``(rng, step, device)``) and train on the soft labels (the ImageNet recipe).
       aux_loss: optional ``(model, images) -> (logits, extra_loss)`` used instead of
         ``model(images)``; ``extra_loss`` is added to the cross-entropy (e.g. the
         LearnableScaler recipe's feature-decay and attention losses).
@@ -156,6 +166,7 @@ class StepOptions:
     aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     singd: bool = False
     singd_period: int = 1
+    mixing: tuple[int, float, float, float] | None = None
 
 
 def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
@@ -205,6 +216,17 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
     """One optimizer step on this device's shard; must run inside the ``'data'`` axis."""
     images, labels = batch["image"], batch["label"]
     weights = _batch_weights(batch, labels)
+    soft_targets = None
+    if options.mixing is not None:
+        from sing_jax.data.augment import mix_batch
+
+        num_classes, mixup_alpha, cutmix_alpha, smoothing = options.mixing
+        key = jax.random.fold_in(jax.random.fold_in(
+            jax.random.wrap_key_data(state.rng), state.step), jax.lax.axis_index(AXIS))
+        mixed = mix_batch(key, {"image": images, "label": labels}, num_classes,
+                          mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                          label_smoothing=smoothing)
+        images, soft_targets = mixed["image"], mixed["soft_label"]
     if options.compute_dtype is not None:
         images = images.astype(options.compute_dtype)
 
@@ -213,7 +235,8 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
             logits = model(images)
         else:
             logits, extra = options.aux_loss(model, images)
-        loss, sums = classification_sums(logits, labels, weights, options.label_smoothing)
+        loss, sums = classification_sums(logits, labels, weights, options.label_smoothing,
+                                         soft_targets)
         if options.aux_loss is not None:
             loss = loss + extra.astype(jnp.float32)
         return loss, sums
