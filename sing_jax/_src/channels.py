@@ -315,11 +315,13 @@ def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch:
     ref_scale = max(float(jnp.max(jnp.abs(r))) for r in reference) + 1e-6
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in flat]
-    key = jax.random.key(seed)
+    # Probes are drawn and applied with NumPy on the host: only `apply` is compiled,
+    # once, instead of a few small programs per distinct leaf shape.
+    rng = np.random.default_rng(seed)
 
-    def unchanged(index: int, new_leaf: jax.Array) -> bool:
+    def unchanged(index: int, new_leaf: np.ndarray) -> bool:
         trial = list(leaves)
-        trial[index] = new_leaf.astype(leaves[index].dtype)
+        trial[index] = jnp.asarray(new_leaf, dtype=leaves[index].dtype)
         out = jax.tree.leaves(apply(treedef.unflatten(trial), batch))
         err = max(float(jnp.max(jnp.abs(o - r))) for o, r in zip(out, reference))
         return err <= rtol * ref_scale
@@ -330,23 +332,21 @@ def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch:
         if np.ndim(leaf) < min_ndim:
             spec_leaves.append(None)
             continue
-        key, k_perturb, k_channel, k_whole = jax.random.split(key, 4)
-        axis = channel_axis % leaf.ndim
-        factor_shape = tuple(n if a == axis else 1 for a, n in enumerate(leaf.shape))
-        noise = jax.random.normal(k_perturb, leaf.shape, jnp.float32)
-        scale = jnp.std(leaf.astype(jnp.float32)) + 1e-3
-        if unchanged(i, leaf + scale * noise):
+        host = np.asarray(leaf, dtype=np.float32)
+        axis = channel_axis % host.ndim
+        factor_shape = tuple(n if a == axis else 1 for a, n in enumerate(host.shape))
+        scale = float(np.std(host)) + 1e-3
+        if unchanged(i, host + scale * rng.standard_normal(host.shape, dtype=np.float32)):
             spec_leaves.append(None)
             lines.append(f"{name}: no effect on the output (left Euclidean)")
             continue
-        per_channel = jnp.exp(jax.random.uniform(k_channel, factor_shape, minval=-0.7,
-                                                 maxval=0.7))
-        whole = jnp.exp(jax.random.uniform(k_whole, (), minval=0.3, maxval=0.7))
-        if unchanged(i, leaf * per_channel):
+        per_channel = np.exp(rng.uniform(-0.7, 0.7, factor_shape)).astype(np.float32)
+        whole = np.float32(np.exp(rng.uniform(0.3, 0.7)))
+        if unchanged(i, host * per_channel):
             spec_leaves.append(ChannelDims((channel_axis,)))
             lines.append(f"{name}: invariant per channel (axis {channel_axis}) -> "
                          f"ChannelDims(({channel_axis},))")
-        elif unchanged(i, leaf * whole):
+        elif unchanged(i, host * whole):
             spec_leaves.append(ChannelDims(()))
             lines.append(f"{name}: invariant as a whole -> ChannelDims(())")
         else:
