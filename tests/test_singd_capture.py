@@ -309,3 +309,15 @@ def test_value_and_grad_keeps_batch_stats_and_aux():
         nnx.state(model, nnx.Param), singd_stats=caps)
     assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
     assert optax is not None
+
+
+@pytest.mark.parametrize("case", ["bias_same", "nobias_stride_valid", "dilation_explicit"])
+def test_patches_equal_conv_general_dilated_patches(case):
+    kwargs = CONV_CASES[case]
+    conv = nnx.Conv(rngs=nnx.Rngs(0), **kwargs)
+    info = capture_lib.layer_info(conv, "conv")
+    x = jax.random.normal(jax.random.key(5), (2, 7, 6, kwargs["in_features"]))
+    want = jax.lax.conv_general_dilated_patches(
+        x, info.kernel_shape[:2], info.strides, info.padding, rhs_dilation=info.dilation,
+        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(capture_lib.conv_patches(x, info), want, rtol=1e-6, atol=1e-6)

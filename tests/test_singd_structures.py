@@ -190,3 +190,14 @@ def test_structure_names_and_errors():
         S.structure("dense").eye(3, jnp.float32) + S.structure("diagonal").eye(3, jnp.float32)
     with pytest.raises(ValueError, match="square"):
         S.DenseMatrix(jnp.ones((2, 3)))
+
+
+def test_from_inner_gram_equals_from_inner():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
+    for name in S.STRUCTURE_CLASSES:
+        spec = S.structure(name)
+        a = spec.cls.from_dense(jnp.asarray(rng.normal(size=(9, 9)), jnp.float32))
+        np.testing.assert_allclose(a.from_inner_gram(x @ x.T).to_dense(),
+                                   a.from_inner(x).to_dense(), rtol=1e-4, atol=1e-4,
+                                   err_msg=name)

@@ -171,6 +171,16 @@ class StructuredMatrix:
             return self.project_outer(self.to_dense().T)
         return self.project_outer(self.rmatmat(mat))
 
+    # Dense-cost structures compute P(S^T X X^T S) faster from the Gram matrix X X^T when
+    # X has many more columns than rows (conv inputs: one column per patch).
+    gram_is_cheaper: ClassVar[bool] = False
+
+    def from_inner_gram(self, gram: Array) -> StructuredMatrix:
+        r""":math:`P(S^\top M S)` for a symmetric dense :math:`M` (e.g. :math:`X X^\top`)."""
+        half = self.rmatmat(gram)  # S^T M
+        full = self.rmatmat(half.T)  # S^T (S^T M)^T = S^T M S  (M symmetric)
+        return self.project(0.5 * (full + full.T))
+
     def average_trace(self) -> Array:
         r""":math:`\operatorname{tr}(S) / d`."""
         return jnp.trace(self.to_dense()) / self.dim
@@ -220,6 +230,7 @@ class DenseMatrix(StructuredMatrix):
 
     name = "dense"
     _array_fields = ("mat",)
+    gram_is_cheaper = True
 
     def __init__(self, mat: Array):
         self.dim = _check_square(mat)
@@ -321,6 +332,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     name = "block_diagonal"
     _array_fields = ("blocks", "last")
+    gram_is_cheaper = True  # one big GEMM beats batched small products on CPU
     _static_fields = ("dim", "block_size", "symmetric_blocks")
 
     def __init__(self, blocks: Array, last: Array, block_size: int = 30,
@@ -437,6 +449,7 @@ class HierarchicalMatrix(StructuredMatrix):
 
     name = "hierarchical"
     _array_fields = ("a", "b", "c", "d", "e")
+    gram_is_cheaper = True
     _static_fields = ("dim", "k1", "k2")
 
     def __init__(self, a: Array, b: Array, c: Array, d: Array, e: Array,
@@ -555,6 +568,7 @@ class _ToeplitzMatrix(StructuredMatrix):
 
     _array_fields = ("coeffs",)
     lower: ClassVar[bool]
+    gram_is_cheaper = True
 
     def __init__(self, coeffs: Array):
         if coeffs.ndim != 1:

@@ -253,12 +253,19 @@ def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCaptur
     a = capture_lib.input_matrix(capture, cfg.kfac_approx, jnp.dtype(cfg.dtype_k))
     g = capture_lib.output_grad_matrix(capture, cfg.kfac_approx, cfg.loss_average,
                                        jnp.dtype(cfg.dtype_c))
-    h_k = layer.k.from_inner(a.T)
-    h_c = layer.c.from_inner(g.T)
+    h_k = _from_rows(layer.k, a)
+    h_c = _from_rows(layer.c, g)
     if axis_name is not None:
         reduce = jax.lax.pmean if cfg.loss_average is not None else jax.lax.psum
         h_k, h_c = reduce((h_k, h_c), axis_name)
     return LayerCurvature(h_k, h_c, jnp.ones((), jnp.float32))
+
+
+def _from_rows(factor: structures_lib.StructuredMatrix, rows: Array):
+    r""":math:`P(S^\top R^\top R S)` for a (rows x d) matrix :math:`R`."""
+    if factor.gram_is_cheaper and rows.shape[0] > 2 * rows.shape[1]:
+        return factor.from_inner_gram(rows.T @ rows)
+    return factor.from_inner(rows.T)
 
 
 def zero_curvature(layer: LayerPreconditioner) -> LayerCurvature:
