@@ -4,8 +4,7 @@ The public API. Optimizers are ``optax.GradientTransformation`` chains built fro
 small ``scale_by_*`` pieces that are exported too.
 """
 
-# --- channel geometry (foundation) ---
-# --- foundation optimizers: begin ---
+# SING, AdamS, AdamSRT, SGDMRT, AdamG, their building blocks and channel geometry
 from sing_jax._src.adam import (
     ScaleBySoftplusAdamState,
     scale_by_softplus_adam,
@@ -39,9 +38,7 @@ from sing_jax._src.standardize import (
     output_channel_dims,
 )
 
-# --- foundation optimizers: end ---
-
-# --- singd: begin ---
+# SINGD
 from sing_jax._src.singd import (
     LayerCapture,
     LayerCurvature,
@@ -55,9 +52,7 @@ from sing_jax._src.singd import (
 )
 from sing_jax._src.singd import structures as singd_structures
 
-# --- singd: end ---
-
-# --- recipes (schedules, regularizers, freezing, diagnostics): begin ---
+# Recipes: schedules, regularizers, freezing, diagnostics
 from sing_jax import schedules
 from sing_jax._src.diagnostics import (
     DiagnosticsState,
@@ -88,7 +83,6 @@ from sing_jax._src.regularizers import (
     incoming_weights,
     max_norm,
 )
-# --- recipes: end ---
 
 __version__ = "0.1.0"
 
