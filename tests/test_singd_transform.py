@@ -354,3 +354,38 @@ def test_orbax_round_trip_continues_identically(tmp_path):
     b = step(restored["params"], rest, restored["opt"], x, y)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_value_and_grad_with_nnx_optimizer_state_and_batchnorm_under_jit():
+    """opt_state may be nnx.Optimizer's (OptState variables); BatchNorm stats still update."""
+
+    class ConvBN(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+    model = ConvBN(nnx.Rngs(0))
+    model.train()
+    optimizer = nnx.Optimizer(model, sing_jax.singd(1e-2, T=2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 1))
+    y = jnp.arange(8) % 3
+
+    def loss_fn(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        (loss, grads), stats = sing_jax.singd_value_and_grad(
+            loss_fn, model, x, y, opt_state=optimizer.opt_state)
+        optimizer.update(model, grads, singd_stats=stats)
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the BatchNorm params go to `other`, with a warning
+        losses = [float(step(model, optimizer, x, y)) for _ in range(4)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert float(jnp.abs(model.bn.mean[...]).max()) > 0

@@ -665,6 +665,9 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
     from flax import nnx
 
     capture_lib._warn_unsupported(model)
+    if opt_state is not None:
+        # nnx.Optimizer keeps its state in OptState variables: plain arrays from here on
+        opt_state = nnx.as_pure(opt_state)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def run(capture: bool):
