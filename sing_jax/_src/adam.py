@@ -63,12 +63,9 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySoftplusAdamState`.
     """
-    owner = "scale_by_softplus_adam"
-    hyperparams.check_unit_interval(owner, "b1", b1)
-    hyperparams.check_unit_interval(owner, "b2", b2)
-    hyperparams.check_non_negative(owner, "eps", eps)
+    hyperparams.check_adam_hyperparams("scale_by_softplus_adam", b1, b2, eps)
     if softplus_beta is not None:
-        hyperparams.check_non_negative(owner, "softplus_beta", softplus_beta)
+        hyperparams.check_non_negative("scale_by_softplus_adam", "softplus_beta", softplus_beta)
 
     def init_fn(params):
         mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.asarray(p).dtype),

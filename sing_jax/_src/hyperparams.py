@@ -55,3 +55,10 @@ def check_positive_int(owner: str, name: str, value: Any) -> None:
     if x is not None and not (x >= 1 and float(x).is_integer()):
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; expected an integer "
                          ">= 1.")
+
+
+def check_adam_hyperparams(owner: str, b1: Any, b2: Any, eps: Any) -> None:
+    """Adam's decay rates in ``[0, 1)`` and a non-negative ``eps``."""
+    check_unit_interval(owner, "b1", b1)
+    check_unit_interval(owner, "b2", b2)
+    check_non_negative(owner, "eps", eps)

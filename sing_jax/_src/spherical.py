@@ -29,6 +29,16 @@ def _wide(x: jax.Array) -> jax.Array:
 # AdamS: the per-channel second moment
 
 
+def _zero_moments(channel_dims: ChannelDimsSpec, params: Any) -> tuple[Any, Any]:
+    """Zero first moments at full shape and second moments at per-channel shape."""
+    geometries = channels.resolve_channel_dims(channel_dims, params)
+    mu = jax.tree.map(jnp.zeros_like, params)
+    nu = channels.map_with_geometry(
+        lambda g, p: jnp.zeros(channels.channel_shape(jnp.shape(p), g), jnp.asarray(p).dtype),
+        geometries, params)
+    return mu, nu
+
+
 class ScaleByAdamSState(NamedTuple):
     """State of :func:`scale_by_adams`; ``nu`` has one entry per channel."""
 
@@ -59,18 +69,11 @@ def scale_by_adams(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdamSState`.
     """
-    owner = "scale_by_adams"
-    hyperparams.check_unit_interval(owner, "b1", b1)
-    hyperparams.check_unit_interval(owner, "b2", b2)
-    hyperparams.check_non_negative(owner, "eps", eps)
+    hyperparams.check_adam_hyperparams("scale_by_adams", b1, b2, eps)
 
     def init_fn(params):
-        geometries = channels.resolve_channel_dims(channel_dims, params)
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = channels.map_with_geometry(
-            lambda g, p: jnp.zeros(channels.channel_shape(jnp.shape(p), g), jnp.asarray(p).dtype),
-            geometries, params)
-        return ScaleByAdamSState(jnp.zeros([], jnp.int32), mu, nu)
+        return ScaleByAdamSState(jnp.zeros([], jnp.int32),
+                                 *_zero_moments(channel_dims, params))
 
     def update_fn(updates, state, params=None):
         del params
@@ -298,19 +301,12 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdamGState`.
     """
-    owner = "scale_by_adamg"
-    hyperparams.check_non_negative(owner, "learning_rate", learning_rate)
-    hyperparams.check_unit_interval(owner, "b1", b1)
-    hyperparams.check_unit_interval(owner, "b2", b2)
-    hyperparams.check_non_negative(owner, "eps", eps)
+    hyperparams.check_non_negative("scale_by_adamg", "learning_rate", learning_rate)
+    hyperparams.check_adam_hyperparams("scale_by_adamg", b1, b2, eps)
 
     def init_fn(params):
-        geometries = channels.resolve_channel_dims(channel_dims, params)
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = channels.map_with_geometry(
-            lambda g, p: jnp.zeros(channels.channel_shape(jnp.shape(p), g), jnp.asarray(p).dtype),
-            geometries, params)
-        return ScaleByAdamGState(jnp.zeros([], jnp.int32), mu, nu)
+        return ScaleByAdamGState(jnp.zeros([], jnp.int32),
+                                 *_zero_moments(channel_dims, params))
 
     def update_fn(updates, state, params=None):
         if params is None:
