@@ -263,3 +263,19 @@ def test_transported_momentum_is_tangent_to_the_new_parameters(make):
             np.testing.assert_allclose(cos, 0.0, atol=1e-7)
         # The Euclidean leaf is never transported, so its moment has a radial part.
         assert abs(float(np.vdot(np.asarray(moment[0]), np.asarray(params[0])))) > 1e-6
+
+
+def test_lookahead_slow_weights_follow_the_syncs():
+    params = [jnp.asarray(p) for p in initial_params()]
+    tx = optax.chain(optax.sgd(0.1), sing_jax.lookahead(sync_period=2, alpha=0.5))
+    state = tx.init(params)
+    last_sync = params  # the slow weights start at the initial parameters
+    for t in range(4):
+        grads = [jnp.asarray(x) for x in grads_at(t, [np.asarray(p) for p in params])]
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if (t + 1) % 2 == 0:  # a sync: the slow weights are the new parameters
+            last_sync = params
+        slow = sing_jax.lookahead_slow_weights(state[1], params)
+        for s, e in zip(slow, last_sync):
+            np.testing.assert_array_equal(np.asarray(s), np.asarray(e))
