@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +25,27 @@ def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
                         params)
 
 
+def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
+                        leaf_fn: Callable[[channels.LeafGeometry, jax.Array], jax.Array],
+                        ) -> optax.GradientTransformation:
+    """A stateless transform applying ``leaf_fn(geometry, g)`` to every leaf.
+
+    The spec is validated at ``init`` (errors name the leaf) and resolved again on
+    the updates at every ``update``.
+    """
+
+    def init_fn(params):
+        channels.resolve_channel_dims(channel_dims, params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        geometries = channels.resolve_channel_dims(channel_dims, updates)
+        return channels.map_with_geometry(leaf_fn, geometries, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
                          ) -> optax.GradientTransformation:
     r"""Gradient centralisation (SING step 1).
@@ -43,22 +65,12 @@ def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
       A stateless ``optax.GradientTransformation``.
     """
 
-    def init_fn(params):
-        channels.resolve_channel_dims(channel_dims, params)
-        return optax.EmptyState()
+    def centralize(geometry, g):
+        if geometry.group_axes is None or geometry.group_size == 1:
+            return g
+        return g - jnp.mean(g, axis=geometry.group_axes, keepdims=True)
 
-    def update_fn(updates, state, params=None):
-        del params
-        geometries = channels.resolve_channel_dims(channel_dims, updates)
-
-        def centralize(geometry, g):
-            if geometry.group_axes is None or geometry.group_size == 1:
-                return g
-            return g - jnp.mean(g, axis=geometry.group_axes, keepdims=True)
-
-        return channels.map_with_geometry(centralize, geometries, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _stateless_per_leaf(channel_dims, centralize)
 
 
 def normalize_gradients(eps: float = 1e-8) -> optax.GradientTransformation:
@@ -116,25 +128,15 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
       A stateless ``optax.GradientTransformation``.
     """
 
-    def init_fn(params):
-        channels.resolve_channel_dims(channel_dims, params)
-        return optax.EmptyState()
+    def standardize(geometry, g):
+        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        square_sum = jnp.sum(wide * wide)
+        if geometry.group_axes is None or geometry.group_size == 1:
+            return (wide / (jnp.sqrt(square_sum) + eps)).astype(g.dtype)
+        mean = jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
+        fast = square_sum - geometry.group_size * jnp.sum(mean * mean)
+        norm_sq = jax.lax.cond(fast > 1e-2 * square_sum, lambda: fast,
+                               lambda: jnp.sum(jnp.square(wide - mean)))
+        return ((wide - mean) / (jnp.sqrt(norm_sq) + eps)).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-        geometries = channels.resolve_channel_dims(channel_dims, updates)
-
-        def standardize(geometry, g):
-            wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-            square_sum = jnp.sum(wide * wide)
-            if geometry.group_axes is None or geometry.group_size == 1:
-                return (wide / (jnp.sqrt(square_sum) + eps)).astype(g.dtype)
-            mean = jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
-            fast = square_sum - geometry.group_size * jnp.sum(mean * mean)
-            norm_sq = jax.lax.cond(fast > 1e-2 * square_sum, lambda: fast,
-                                   lambda: jnp.sum(jnp.square(wide - mean)))
-            return ((wide - mean) / (jnp.sqrt(norm_sq) + eps)).astype(g.dtype)
-
-        return channels.map_with_geometry(standardize, geometries, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _stateless_per_leaf(channel_dims, standardize)
