@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_arg
 
 TABLE = {
     # (patch, embed, depth): {norm: (ImageNet-1k top-1, ImageNet-V2 top-1 or None)}
@@ -32,9 +32,7 @@ NORMS = ("layer", "learnable_scaler")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "16,192,24,learnable_scaler").split(",") if p]
-    tiny = "tiny" in parts
-    parts = [p for p in parts if p != "tiny"]
+    parts, tiny = split_config_arg(arg, "16,192,24,learnable_scaler")
     if len(parts) != 4:
         raise ValueError("learnable_scaler_vit config takes '<patch>,<embed>,<depth>,<norm>"
                          f"[,tiny]', got {arg!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_arg
 
 DATASETS = {
     # name: (model section, epochs, batch size)
@@ -37,9 +37,7 @@ OPTIMIZERS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "digits,adamw").split(",") if p]
-    tiny = "tiny" in parts
-    parts = [p for p in parts if p != "tiny"]
+    parts, tiny = split_config_arg(arg, "digits,adamw")
     if len(parts) != 2:
         raise ValueError(f"quickstart config takes '<dataset>,<optimizer>[,tiny]', got {arg!r}")
     dataset, optimizer = parts

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_arg
 
 RECIPES = {
     # dataset: (epochs, batch, lr, weight decay, label smoothing)
@@ -27,9 +27,7 @@ SCHEDULES = {"cosine": dict(name="warmup_cosine", warmup_fraction=0.05),
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "cifar10,resnet18").split(",") if p]
-    tiny = "tiny" in parts
-    parts = [p for p in parts if p != "tiny"]
+    parts, tiny = split_config_arg(arg, "cifar10,resnet18")
     if len(parts) not in (2, 3):
         raise ValueError(f"sing config takes '<dataset>,<model>[,<schedule>][,tiny]', got {arg!r}")
     dataset, model = parts[:2]

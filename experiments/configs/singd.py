@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_arg
 
 STRUCTURES = ("dense", "diagonal", "block_diagonal", "hierarchical", "tril_toeplitz",
               "triu_toeplitz")
@@ -21,9 +21,7 @@ EPOCHS = {"digits": 12, "mnist1d": 12, "cifar10": 100, "cifar100": 100}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "digits,small_cnn").split(",") if p]
-    tiny = "tiny" in parts
-    parts = [p for p in parts if p != "tiny"]
+    parts, tiny = split_config_arg(arg, "digits,small_cnn")
     if len(parts) not in (2, 3):
         raise ValueError(f"singd config takes '<dataset>,<model>[,<structure>][,tiny]', "
                          f"got {arg!r}")

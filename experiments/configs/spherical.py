@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_arg
 
 DATASETS = ("cifar10", "cifar100", "svhn")
 MODELS = ("resnet20", "resnet18", "vgg16")
@@ -82,9 +82,7 @@ def grid(arg: str) -> list[str]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "cifar10,resnet20,adamsrt").split(",") if p]
-    tiny = "tiny" in parts
-    parts = [p for p in parts if p != "tiny"]
+    parts, tiny = split_config_arg(arg, "cifar10,resnet20,adamsrt")
     if len(parts) != 3:
         raise ValueError("spherical config takes '<dataset>,<model>,<optimizer>[,tiny]', "
                          f"got {arg!r}")

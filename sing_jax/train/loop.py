@@ -40,6 +40,12 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 OPEN_SECTIONS = ("model", "optimizer", "schedule")
 
 
+def split_config_arg(arg: str | None, default: str) -> tuple[list[str], bool]:
+    """Splits a config-file argument ``'a,b[,tiny]'`` into its fields and the tiny flag."""
+    parts = [p for p in (arg or default).split(",") if p]
+    return [p for p in parts if p != "tiny"], "tiny" in parts
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every key the loop reads, with its default. Experiment configs start from this."""
     c = ml_collections.ConfigDict()
