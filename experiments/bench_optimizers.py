@@ -7,7 +7,7 @@ repeat by repeat so that machine noise hits both alike; the median is reported
 with the memory-traffic floor (bytes the step must read and write divided by
 the measured copy bandwidth).
 
-    python experiments/bench_optimizers.py [--repeats 20]
+    python experiments/bench_optimizers.py [--repeats 20] [--only sgdmrt adamsrt]
 """
 
 from __future__ import annotations
@@ -103,7 +103,14 @@ def copy_bandwidth(num_bytes: int = 256 * 2 ** 20, repeats: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="optimizers to run (default: all): sing adams adamsrt adamg sgdmrt")
     args = parser.parse_args()
+    pairs = optimizer_pairs()
+    known = [pair[0] for pair in pairs]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"--only: unknown optimizer(s) {unknown}; choose from {known}")
 
     params0 = resnet18_cifar_params()
     n_params = sum(p.size for p in jax.tree.leaves(params0))
@@ -118,7 +125,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     worst = 0.0
-    for name, ours, base_name, base, tensors, target in optimizer_pairs():
+    for name, ours, base_name, base, tensors, target in pairs:
+        if args.only and name not in args.only:
+            continue
         runs = {}
         for label, tx in (("ours", ours), ("base", base)):
             params = jax.tree.map(jnp.copy, params0)

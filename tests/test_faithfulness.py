@@ -279,3 +279,57 @@ def test_lookahead_slow_weights_follow_the_syncs():
         slow = sing_jax.lookahead_slow_weights(state[1], params)
         for s, e in zip(slow, last_sync):
             np.testing.assert_array_equal(np.asarray(s), np.asarray(e))
+
+
+def _rt_pair(kind, learning_rate, spec):
+    """The fused RT transform and spherical_transport around the same inner transform."""
+    if kind == "adamsrt":
+        return (sing_jax.scale_by_adamsrt(learning_rate, 0.9, 0.99, 1e-8, spec),
+                sing_jax.spherical_transport(sing_jax.scale_by_adams(0.9, 0.99, 1e-8, spec),
+                                             learning_rate, spec, eps=1e-8))
+    return (sing_jax.scale_by_sgdmrt(learning_rate, 0.9, 0.1, spec),
+            sing_jax.spherical_transport(sing_jax.scale_by_momentum(0.9, 0.1),
+                                         learning_rate, spec, eps=0.0,
+                                         first_moments=("momentum",), second_moments=()))
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("kind", ["adamsrt", "sgdmrt"])
+def test_fused_rt_equals_spherical_transport(spec_name, kind):
+    """Same updates and the same state, leaf by leaf, with a learning-rate schedule."""
+    spec = to_spec(SPECS[spec_name])
+    fused, generic = _rt_pair(kind, optax.linear_schedule(0.05, 0.01, 10), spec)
+    params = {name: [jnp.asarray(p) for p in initial_params()] for name in ("f", "g")}
+    states = {"f": fused.init(params["f"]), "g": generic.init(params["g"])}
+    assert jax.tree.structure(states["f"]) == jax.tree.structure(states["g"])
+    for t in range(15):
+        updates = {}
+        for name, tx in (("f", fused), ("g", generic)):
+            grads = [jnp.asarray(x)
+                     for x in grads_at(t, [np.asarray(p) for p in params[name]])]
+            updates[name], states[name] = jax.jit(tx.update)(grads, states[name],
+                                                             params[name])
+            params[name] = optax.apply_updates(params[name], updates[name])
+        for got, want in zip(jax.tree.leaves((updates["f"], states["f"])),
+                             jax.tree.leaves((updates["g"], states["g"]))):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9,
+                                       atol=1e-12, err_msg=f"step {t + 1}")
+
+
+@pytest.mark.parametrize("make", [
+    lambda spec: sing_jax.adamsrt(2e-2, weight_decay=0.1, channel_dims=spec),
+    lambda spec: sing_jax.sgdmrt(0.05, momentum=0.9, weight_decay=0.1, channel_dims=spec),
+    lambda spec: _rt_pair("sgdmrt", 0.05, spec)[1],
+])
+def test_a_channel_at_zero_keeps_finite_moments(make):
+    """A channel with zero weights and gradients: <x_new, x_new> = 0, nothing becomes NaN."""
+    spec = ChannelDims((-1,))
+    params = [jnp.asarray(initial_params()[2]).at[..., 0].set(0.0)]
+    tx = make(spec)
+    state = tx.init(params)
+    for t in range(3):
+        grads = [jnp.asarray(grads_at(t, params)[0]).at[..., 0].set(0.0)]
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
+        np.testing.assert_array_equal(np.asarray(params[0][..., 0]), 0.0)

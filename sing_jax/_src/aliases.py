@@ -171,14 +171,14 @@ def adamsrt(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
       m \leftarrow (m \langle x_{prev}, x_{new}\rangle - \langle m, x_{new}\rangle x_{prev}) / n
 
     ``channel_dims=None`` is ``torch.optim.Adam`` with coupled weight decay.
-    Chain: ``add_decayed_weights -> spherical_transport(scale_by_adams)``; the
-    transport owns the learning rate.
+    Chain: ``add_decayed_weights -> scale_by_adamsrt``, the fused form of
+    ``spherical_transport(scale_by_adams(...))`` (same state); it owns the learning
+    rate.
     """
     _check_common("adamsrt", learning_rate, weight_decay, b1=b1, b2=b2)
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        spherical.spherical_transport(spherical.scale_by_adams(b1, b2, eps, channel_dims),
-                                      learning_rate, channel_dims, eps=eps),
+        spherical.scale_by_adamsrt(learning_rate, b1, b2, eps, channel_dims),
     )
 
 
@@ -197,13 +197,15 @@ def sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float = 0.0,
     ``dampening=0``). The reference divides by :math:`\langle x_{new},x_{new}\rangle`
     with no epsilon; here a channel whose norm is exactly zero keeps its buffer
     instead of becoming NaN.
+
+    Chain: ``add_decayed_weights -> scale_by_sgdmrt``, the fused form of
+    ``spherical_transport(scale_by_momentum(...))`` (same state); it owns the
+    learning rate.
     """
     _check_common("sgdmrt", learning_rate, weight_decay)
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        spherical.spherical_transport(spherical.scale_by_momentum(momentum, dampening),
-                                      learning_rate, channel_dims, eps=0.0,
-                                      first_moments=("momentum",), second_moments=()),
+        spherical.scale_by_sgdmrt(learning_rate, momentum, dampening, channel_dims),
     )
 
 

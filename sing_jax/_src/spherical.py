@@ -260,6 +260,200 @@ def spherical_transport(inner: optax.GradientTransformation,
 
 
 # ---------------------------------------------------------------------------------
+# Fused RT steps: the transport from three per-channel inner products
+
+
+class _StepAlongMoment(NamedTuple):
+    """Per-channel inner products of a step ``x_new = x_prev - s m`` (``s`` per channel)."""
+
+    prev_prev: jax.Array  # <x_prev, x_prev>
+    moment_new: jax.Array  # <m, x_new>
+    new_new: jax.Array  # <x_new, x_new>
+
+
+def _step_along_moment(m: jax.Array, x_prev: jax.Array, s: jax.Array,
+                       geometry: LeafGeometry) -> _StepAlongMoment:
+    r"""The inner products of the transport for ``x_new = x_prev - s m``, without ``x_new``.
+
+    .. math::
+      \langle m, x_n\rangle = \langle x_p, m\rangle - s\langle m, m\rangle, \qquad
+      \langle x_n, x_n\rangle = \langle x_p, x_p\rangle - s\langle x_p, m\rangle
+          - s\langle m, x_n\rangle
+
+    Three reductions of arrays that already exist. The cancellation in
+    ``<x_new, x_new>`` costs relative accuracy only when one step removes almost
+    all of a channel's norm.
+    """
+    inner = lambda a, b: channels.channel_inner(a, b, geometry)  # noqa: E731
+    prev_prev = inner(x_prev, x_prev)
+    prev_moment = inner(x_prev, m)
+    moment_new = prev_moment - s * inner(m, m)
+    return _StepAlongMoment(prev_prev, moment_new, prev_prev - s * prev_moment - s * moment_new)
+
+
+def _step_and_transport(m: jax.Array, v: jax.Array | None, p: jax.Array, s: jax.Array,
+                        geometry: LeafGeometry, eps: float, update_dtype: Any,
+                        ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    r"""The update ``-s m`` and the moments transported to ``x_new = p - s m``.
+
+    Because the step is along ``m``, :func:`transport_first_moment` is a
+    projection onto the tangent space at ``x_new``:
+
+    .. math::
+      \frac{m \langle x_p, x_n\rangle - \langle m, x_n\rangle x_p}{\langle x_n, x_n\rangle
+      + \epsilon} = \frac{m \langle x_n, x_n\rangle - \langle m, x_n\rangle x_n}
+      {\langle x_n, x_n\rangle + \epsilon}
+
+    Written this way, XLA can run the step without a temporary or a copy of any
+    leaf when params and state are donated: the reductions read the old ``p``
+    and ``m``; then ``x_new`` is written over ``p`` (it is the same expression as
+    ``optax.apply_updates``'s, which XLA computes once); then the transported
+    moment is written over ``m`` from ``m`` and ``x_new``. The update depends on
+    the reductions through an exact zero so that XLA cannot overwrite ``p``
+    before they have read it.
+    """
+    m32, xp = _wide(m), _wide(p)
+    dots = _step_along_moment(m32, xp, s, geometry)
+    denom = dots.new_new + eps
+    ok = denom > 0  # a channel whose new norm is zero keeps its moments
+    inv = 1.0 / jnp.where(ok, denom, 1.0)
+    zero = (denom == denom).astype(denom.dtype) * 0  # 0 for every denom, NaN too
+    update = (-(s + zero) * m32).astype(update_dtype)
+    x_new = _wide((p + update).astype(p.dtype))
+    moved = jnp.where(ok, m32 * (dots.new_new * inv) - x_new * (dots.moment_new * inv), m32)
+    if v is not None:
+        v = (_wide(v) * jnp.where(ok, dots.prev_prev * inv, 1.0)).astype(v.dtype)
+    return update, moved.astype(m.dtype), v
+
+
+def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def scale_by_adamsrt(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
+                     b2: float = 0.999, eps: float = 1e-8,
+                     channel_dims: ChannelDimsSpec = None) -> optax.GradientTransformation:
+    r"""AdamS followed by the RT transport of its moments, fused; **owns the learning rate**.
+
+    The same update and state as ``spherical_transport(scale_by_adams(b1, b2, eps,
+    channel_dims), learning_rate, channel_dims, eps=eps)`` (equal to rounding,
+    tested). AdamS's step is :math:`x_{new} = x_{prev} - s\, m` with a per-channel
+
+    .. math::
+      s = \eta\, \frac{\sqrt d}{(1-\beta_1^t)\,(\sqrt{v_t/(1-\beta_2^t)} + \epsilon)}
+
+    so every inner product of the transport follows from
+    :math:`\langle x_{prev}, x_{prev}\rangle`, :math:`\langle x_{prev}, m\rangle` and
+    :math:`\langle m, m\rangle`, and :math:`x_{new}` is never materialised apart
+    from the new parameters themselves. This is what :func:`sing_jax.adamsrt` uses.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`SphericalTransportState`
+      around a :class:`ScaleByAdamSState`.
+    """
+    hyperparams.check_non_negative("scale_by_adamsrt", "learning_rate", learning_rate)
+    hyperparams.check_adam_hyperparams("scale_by_adamsrt", b1, b2, eps)
+
+    def init_fn(params):
+        # Two distinct count buffers: a state must not alias itself (donation).
+        return SphericalTransportState(
+            jnp.zeros([], jnp.int32),
+            ScaleByAdamSState(jnp.zeros([], jnp.int32), *_zero_moments(channel_dims, params)))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        geometries = channels.resolve_channel_dims(channel_dims, params)
+        lr = _learning_rate_at(learning_rate, state.count)
+        inner = state.inner_state
+        count = optax.safe_increment(inner.count)
+        bias1 = 1 - b1 ** count
+        bias2 = 1 - b2 ** count
+
+        def leaf(geo, g, m, v, p):
+            m = (b1 * m + (1 - b1) * g).astype(m.dtype)
+            v = (b2 * v + (1 - b2) * channels.channel_inner(g, g, geo)).astype(v.dtype)
+            # The step is s * m with s per channel (elementwise on Euclidean leaves).
+            s = lr * (geo.group_size ** 0.5 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
+            if not geo.is_spherical:
+                return (-s * m).astype(g.dtype), m, v
+            return _step_and_transport(m, v, p, s, geo, eps, g.dtype)
+
+        new_updates, mu, nu = _map_leaves(leaf, geometries, updates, inner.mu, inner.nu,
+                                          params, num_states=2)
+        return new_updates, SphericalTransportState(
+            optax.safe_increment(state.count), ScaleByAdamSState(count, mu, nu))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float = 0.0,
+                    dampening: float = 0.0, channel_dims: ChannelDimsSpec = None,
+                    ) -> optax.GradientTransformation:
+    r"""SGD momentum followed by the RT transport of its buffer, fused; **owns the learning rate**.
+
+    The same update and state as ``spherical_transport(scale_by_momentum(momentum,
+    dampening), learning_rate, channel_dims, eps=0.0, first_moments=("momentum",),
+    second_moments=())`` (equal to rounding, tested), computed from three per-channel
+    inner products as in :func:`scale_by_adamsrt` (the step is
+    :math:`x_{new} = x_{prev} - \eta\, b`). This is what :func:`sing_jax.sgdmrt` uses.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`SphericalTransportState`
+      around a :class:`ScaleByMomentumState`.
+    """
+    hyperparams.check_non_negative("scale_by_sgdmrt", "learning_rate", learning_rate)
+    hyperparams.check_unit_interval("scale_by_sgdmrt", "momentum", momentum,
+                                    include_one=True)
+    hyperparams.check_unit_interval("scale_by_sgdmrt", "dampening", dampening,
+                                    include_one=True)
+
+    def init_fn(params):
+        channels.resolve_channel_dims(channel_dims, params)
+        return SphericalTransportState(
+            jnp.zeros([], jnp.int32),
+            ScaleByMomentumState(jax.tree.map(jnp.zeros_like, params)))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        geometries = channels.resolve_channel_dims(channel_dims, params)
+        lr = _learning_rate_at(learning_rate, state.count)
+
+        def leaf(geo, g, b, p):
+            b = (momentum * b + (1 - dampening) * g).astype(b.dtype)
+            if not geo.is_spherical:
+                return (-lr * b).astype(g.dtype), b
+            update, moved, _ = _step_and_transport(b, None, p, lr, geo, 0.0, g.dtype)
+            return update, moved
+
+        new_updates, buf = _map_leaves(leaf, geometries, updates,
+                                       state.inner_state.momentum, params, num_states=1)
+        return new_updates, SphericalTransportState(optax.safe_increment(state.count),
+                                                    ScaleByMomentumState(buf))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _map_leaves(fn, geometries: list[LeafGeometry], updates: Any, *trees: Any,
+                num_states: int) -> tuple[Any, ...]:
+    """Runs ``fn(geometry, update, *leaves_of_trees)`` per leaf and regroups its outputs.
+
+    ``fn`` returns the new update and then a new leaf for each of the first
+    ``num_states`` of ``trees`` (the remaining trees, e.g. the params, are inputs
+    only). Returns ``(updates, *new_state_trees)``.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    tree_leaves = [jax.tree.leaves(t) for t in trees]
+    outs = [fn(geo, g, *(t[i] for t in tree_leaves))
+            for i, (geo, g) in enumerate(zip(geometries, leaves))]
+    regrouped = [treedef.unflatten([o[0] for o in outs])]
+    for j in range(num_states):
+        regrouped.append(jax.tree.structure(trees[j]).unflatten([o[j + 1] for o in outs]))
+    return tuple(regrouped)
+
+
+# ---------------------------------------------------------------------------------
 # AdamG
 
 
