@@ -514,26 +514,25 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
         def leaf(geo, g, m, v, p):
             m = (b1 * m + (1 - b1) * g).astype(m.dtype)
             v = (b2 * v + (1 - b2) * channels.channel_inner(g, g, geo)).astype(v.dtype)
-            step = lr * (m / bias1) / (jnp.sqrt(v / bias2) + eps)
-            x_prev = _wide(p)
-            x_new = x_prev - _wide(step)
+            # Adam's step is s * m, s per channel on sphere leaves.
+            s = lr * (1.0 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
             if geo.group_axes is None:
-                return (x_new - x_prev).astype(g.dtype), m, v
-            inner = lambda a, b: channels.channel_inner(a, b, geo)  # noqa: E731
-            m32 = _wide(m)
-            denom = jnp.sqrt(inner(x_prev, x_prev) * inner(x_new, x_new)) + eps
-            m = ((m32 * inner(x_prev, x_new) - inner(m32, x_new) * x_prev) / denom
-                 ).astype(m.dtype)
-            projected = x_new / (jnp.sqrt(inner(x_new, x_new)) + eps)
-            return (projected - x_prev).astype(g.dtype), m, v
+                return (-s * m).astype(g.dtype), m, v
+            # As in the fused RT steps: inner products from existing arrays only, and
+            # x_new recovered from the new params, so that XLA needs no copy of p.
+            m32, xp = _wide(m), _wide(p)
+            dots = _step_along_moment(m32, xp, s, geo)
+            new_sq = jnp.maximum(dots.new_new, 0.0)
+            norm = jnp.sqrt(new_sq) + eps
+            update = ((xp - s * m32) / norm - xp).astype(g.dtype)
+            x_new = _wide((p + update).astype(p.dtype)) * norm
+            # m <x_prev, x_new> - <m, x_new> x_prev = m <x_new, x_new> - <m, x_new> x_new
+            moved = ((m32 * new_sq - x_new * dots.moment_new)
+                     / (jnp.sqrt(dots.prev_prev * new_sq) + eps))
+            return update, moved.astype(m.dtype), v
 
-        u_leaves, u_def = jax.tree.flatten(updates)
-        outs = [leaf(geo, g, m, v, p) for geo, g, m, v, p in zip(
-            geometries, u_leaves, jax.tree.leaves(state.mu), jax.tree.leaves(state.nu),
-            jax.tree.leaves(params))]
-        new_updates = u_def.unflatten([o[0] for o in outs])
-        mu = jax.tree.structure(state.mu).unflatten([o[1] for o in outs])
-        nu = jax.tree.structure(state.nu).unflatten([o[2] for o in outs])
+        new_updates, mu, nu = _map_leaves(leaf, geometries, updates, state.mu, state.nu,
+                                          params, num_states=2)
         return new_updates, ScaleByAdamGState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
