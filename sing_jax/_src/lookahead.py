@@ -82,6 +82,12 @@ def lookahead(sync_period: int = 5, alpha: float = 0.5) -> optax.GradientTransfo
 
 
 def lookahead_slow_weights(state: LookaheadState, params: optax.Params) -> optax.Params:
-    """The slow weights of a :func:`lookahead` state, given the current parameters."""
-    return jax.tree.map(lambda p, s: jnp.where(state.sync_pending, p, s).astype(s.dtype),
-                        params, state.slow)
+    """The slow weights of a :func:`lookahead` state, given the current parameters.
+
+    A ``lax.cond`` rather than a ``where``: between syncs the slow weights are
+    passed through instead of being read and written again on every step.
+    """
+    return jax.lax.cond(
+        state.sync_pending,
+        lambda: jax.tree.map(lambda p, s: jnp.asarray(p).astype(s.dtype), params, state.slow),
+        lambda: state.slow)
