@@ -7,7 +7,18 @@ repeat by repeat so that machine noise hits both alike; the median is reported
 with the memory-traffic floor (bytes the step must read and write divided by
 the measured copy bandwidth).
 
+A second table shows where the time goes: SING with its softplus denominator,
+its Lookahead or its gradient standardisation switched off, and the three
+per-channel inner products ``<p, p>``, ``<p, m>``, ``<m, m>`` that the RT steps
+(and AdamG) take on every conv kernel, timed alone. On XLA:CPU each reduction is
+its own pass over the leaf at about a third of the speed of an elementwise pass
+(sibling reductions are not fused), so those inner products alone cost more
+than a whole SGD-momentum step; likewise the softplus (an ``exp`` and a ``log``
+per element) costs about as much as a whole AdamW step. On accelerators, where
+the step is bound by memory traffic, neither dominates.
+
     python experiments/bench_optimizers.py [--repeats 20] [--only sgdmrt adamsrt]
+                                           [--no-breakdown]
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ import argparse
 import functools
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +113,81 @@ def copy_bandwidth(num_bytes: int = 256 * 2 ** 20, repeats: int = 10) -> float:
     return 2 * num_bytes / statistics.median(times)
 
 
+def interleaved_medians(runs: dict[str, tuple[Callable, Any]], repeats: int,
+                        ) -> dict[str, float]:
+    """Median milliseconds of ``carry = fn(carry)`` for each run, runs interleaved.
+
+    Interleaving repeat by repeat makes machine noise hit every run alike.
+    """
+    carries = {label: jax.block_until_ready(fn(carry))  # compile + warm-up
+               for label, (fn, carry) in runs.items()}
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, (fn, _) in runs.items():
+            t0 = time.perf_counter()
+            carries[label] = jax.block_until_ready(fn(carries[label]))
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+
+
+def optimizer_run(tx, params0, grads) -> tuple[Callable, Any]:
+    """One donated update+apply step as ``(params, state) -> (params, state)``."""
+    step = make_step(tx)
+    params = jax.tree.map(jnp.copy, params0)
+    return (lambda carry: step(*carry, grads)), (params, tx.init(params))
+
+
+def rt_inner_products_run(params0, grads) -> tuple[Callable, Any]:
+    """The three per-channel inner products the RT steps take on every conv kernel, alone.
+
+    ``<p, p>``, ``<p, m>`` and ``<m, m>`` per output channel: the least reduction
+    work a transport needs beyond the SGD-momentum step (see the module docstring).
+    """
+    kernels = [p for p in jax.tree.leaves(params0) if p.ndim == 4]
+    moments = [g for g in jax.tree.leaves(grads) if g.ndim == 4]
+
+    @jax.jit
+    def inner_products(ps, ms):
+        axes = (0, 1, 2)
+        return [(jnp.sum(p * p, axes), jnp.sum(p * m, axes), jnp.sum(m * m, axes))
+                for p, m in zip(ps, ms)]
+
+    return (lambda carry: (*carry[:2], inner_products(*carry[:2]))), (kernels, moments, None)
+
+
+def breakdown(params0, grads, repeats: int) -> None:
+    """Where SING's and RT's time goes: ablations and the reductions alone, one run."""
+    adamw, sgdm = "optax.adamw", "optax.sgd(momentum=0.9)"
+    # label -> (optimizer or run, the row it is compared with)
+    rows = {
+        adamw: (optax.adamw(5e-4, weight_decay=5e-3), None),
+        "sing": (sing_jax.sing(5e-3, weight_decay=5e-4), adamw),
+        "sing, softplus_beta=None": (
+            sing_jax.sing(5e-3, weight_decay=5e-4, softplus_beta=None), adamw),
+        "sing, lookahead_every=None": (
+            sing_jax.sing(5e-3, weight_decay=5e-4, lookahead_every=None), adamw),
+        "sing, centralize=normalize=False": (
+            sing_jax.sing(5e-3, weight_decay=5e-4, centralize=False, normalize=False), adamw),
+        sgdm: (optax.sgd(0.1, momentum=0.9), None),
+        "RT's 3 inner products alone": (rt_inner_products_run(params0, grads), sgdm),
+    }
+    runs = {label: optimizer_run(tx, params0, grads)
+            if isinstance(tx, optax.GradientTransformation) else tx
+            for label, (tx, _) in rows.items()}
+    ms = interleaved_medians(runs, repeats)
+    print("\nwhere the time goes (one run, interleaved):")
+    for label, (_, base) in rows.items():
+        relative = "" if base is None else f"{ms[label] / ms[base]:6.2f} x {base}"
+        print(f"  {label:<34} {ms[label]:8.2f} ms  {relative}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="optimizers to run (default: all): sing adams adamsrt adamg sgdmrt")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the table of where SING's and RT's time goes")
     args = parser.parse_args()
     pairs = optimizer_pairs()
     known = [pair[0] for pair in pairs]
@@ -128,32 +211,19 @@ def main() -> None:
     for name, ours, base_name, base, tensors, target in pairs:
         if args.only and name not in args.only:
             continue
-        runs = {}
-        for label, tx in (("ours", ours), ("base", base)):
-            params = jax.tree.map(jnp.copy, params0)
-            state = tx.init(params)
-            step = make_step(tx)
-            params, state = step(params, state, grads)  # compile + warm-up
-            jax.block_until_ready(params)
-            runs[label] = [step, params, state, []]
-        for _ in range(args.repeats):
-            for run in runs.values():  # interleaved: noise hits both alike
-                step, params, state, times = run
-                t0 = time.perf_counter()
-                params, state = step(params, state, grads)
-                jax.block_until_ready((params, state))
-                times.append(time.perf_counter() - t0)
-                run[1], run[2] = params, state
-        ours_ms = statistics.median(runs["ours"][3]) * 1e3
-        base_ms = statistics.median(runs["base"][3]) * 1e3
-        ratio = ours_ms / base_ms
+        ms = interleaved_medians({"ours": optimizer_run(ours, params0, grads),
+                                  "base": optimizer_run(base, params0, grads)},
+                                 args.repeats)
+        ratio = ms["ours"] / ms["base"]
         floor_ms = tensors * 4 * n_params / bandwidth * 1e3
         if target is not None:
             worst = max(worst, ratio / target)
         target_str = "-" if target is None else f"<={target}"
-        print(f"{name:<10} {base_name:<24} {ours_ms:8.2f} {base_ms:8.2f} {ratio:6.2f} "
+        print(f"{name:<10} {base_name:<24} {ms['ours']:8.2f} {ms['base']:8.2f} {ratio:6.2f} "
               f"{floor_ms:8.2f} {target_str:>7}")
     print(f"headline: worst ratio/target = {worst:.2f} (<= 1.00 meets every target)")
+    if not args.no_breakdown:
+        breakdown(params0, grads, args.repeats)
 
 
 if __name__ == "__main__":
