@@ -53,6 +53,15 @@ class MLP(nnx.Module):
         return self.l3(jax.nn.relu(self.l2(h)))
 
 
+def _pool_reshape(x):
+    b, h, w, c = x.shape
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+POOL = _pool_reshape if __import__("os").environ.get("POOL") == "reshape" else (
+    lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)))
+
+
 class CNN(nnx.Module):
     def __init__(self, rngs):
         self.c1 = nnx.Conv(3, 32, (3, 3), rngs=rngs)
@@ -63,7 +72,7 @@ class CNN(nnx.Module):
 
     def __call__(self, x):
         for conv in (self.c1, self.c2, self.c3):
-            x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
+            x = POOL(jax.nn.relu(conv(x)))
         return self.d2(jax.nn.relu(self.d1(x.reshape(x.shape[0], -1))))
 
 

@@ -169,6 +169,35 @@ def _explicit_padding(info: LayerInfo, in_hw: tuple[int, int]) -> tuple[tuple[in
     return tuple(jax.lax.padtype_to_pads(in_hw, dilated, info.strides, info.padding))
 
 
+def _conv_input(x: Array, info: LayerInfo) -> Array:
+    """The conv input as ``(B, H, W, C_in/groups)``: leading axes flattened, groups averaged."""
+    if x.ndim < 4:
+        raise ValueError(f"layer {info.path!r}: conv input must be (..., H, W, C), got {x.shape}")
+    x = x.reshape((-1,) + x.shape[-3:])
+    if info.groups > 1:
+        x = x.reshape(x.shape[:3] + (info.groups, info.kernel_shape[2])).mean(axis=3)
+    return x
+
+
+def _conv_taps(x: Array, info: LayerInfo) -> list[Array]:
+    """One ``(B, O1, O2, C)`` strided slice of the padded ``(B, H, W, C)`` input per tap.
+
+    Taps are in (kernel row, kernel column) order.
+    """
+    kh, kw = info.kernel_shape[:2]
+    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, x.shape[1:3])
+    x = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
+    (sh, sw), (dh, dw) = info.strides, info.dilation
+    out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    return [jax.lax.slice(
+                x, (0, i * dh, j * dw, 0),
+                (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1,
+                 x.shape[3]),
+                (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
 def conv_patches(x: Array, info: LayerInfo) -> Array:
     """Unfolded conv input, ``(B, O1, O2, C_in/groups * kH * kW)``, groups averaged.
 
@@ -177,26 +206,7 @@ def conv_patches(x: Array, info: LayerInfo) -> Array:
     patches are gathered with strided slices (no convolution), which stays fast on CPU
     inside ``lax.cond``.
     """
-    kh, kw, cin_g, _ = info.kernel_shape
-    if x.ndim < 4:
-        raise ValueError(f"layer {info.path!r}: conv input must be (..., H, W, C), got {x.shape}")
-    x = x.reshape((-1,) + x.shape[-3:])
-    if info.groups > 1:
-        x = x.reshape(x.shape[:3] + (info.groups, cin_g)).mean(axis=3)
-    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, x.shape[1:3])
-    x = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
-    (sh, sw), (dh, dw) = info.strides, info.dilation
-    out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            taps.append(jax.lax.slice(
-                x, (0, i * dh, j * dw, 0),
-                (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1,
-                 x.shape[3]),
-                (1, sh, sw, 1)))
-    patches = jnp.stack(taps, axis=-1)  # (B, O1, O2, C, kh*kw)
+    patches = jnp.stack(_conv_taps(_conv_input(x, info), info), axis=-1)  # (B,O1,O2,C,kh*kw)
     return patches.reshape(patches.shape[:3] + (-1,))
 
 
@@ -235,6 +245,34 @@ def output_grad_matrix(capture: LayerCapture, kfac_approx: str = "expand",
     else:
         rows = g.reshape(batch, -1, d_out).sum(axis=1)
     return rows * jnp.sqrt(jnp.asarray(num_terms, rows.dtype))
+
+
+def input_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
+                      dtype: Any = None) -> Array:
+    r"""The column sums of squares of :math:`A`, :math:`\sum_r A_{ri}^2`: all a diagonal
+    factor needs. For KFAC-expand convolutions they come from the strided input
+    slices directly, without unfolding the input into patches."""
+    info = capture.info
+    if info.kind != "conv" or kfac_approx != "expand":
+        a = input_matrix(capture, kfac_approx, dtype)
+        return jnp.sum(a * a, axis=0)
+    x = _conv_input(capture.inputs if dtype is None else capture.inputs.astype(dtype), info)
+    # Every patch entry is one input entry, so the sums over patches are sums of the
+    # batch-summed squared input over each tap's strided window.
+    taps = _conv_taps(jnp.sum(x * x, axis=0, keepdims=True), info)
+    # (C, kh*kw) flattened: the (input channel, kernel row, kernel column) feature order.
+    sums = jnp.stack([jnp.sum(t, axis=(0, 1, 2)) for t in taps], axis=-1).reshape(-1)
+    rows = x.shape[0] * math.prod(taps[0].shape[1:3])
+    if info.has_bias:
+        sums = jnp.concatenate([sums, jnp.full((1,), rows, sums.dtype)])
+    return sums / jnp.asarray(rows, sums.dtype)
+
+
+def output_grad_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
+                            loss_average: str | None = "batch", dtype: Any = None) -> Array:
+    r"""The column sums of squares of :math:`G`, :math:`\sum_r G_{ri}^2`."""
+    g = output_grad_matrix(capture, kfac_approx, loss_average, dtype)
+    return jnp.sum(g * g, axis=0)
 
 
 # -- the capture itself ------------------------------------------------------------------

@@ -304,9 +304,14 @@ class DiagonalMatrix(StructuredMatrix):
         return DiagonalMatrix(jnp.sum(mat * mat, axis=1))
 
     def from_inner(self, mat: Array | None = None) -> DiagonalMatrix:
+        return self.from_square_sums(None if mat is None else jnp.sum(mat * mat, axis=1))
+
+    def from_square_sums(self, square_sums: Array | None) -> DiagonalMatrix:
+        r""":math:`P(S^\top X X^\top S)` from the row sums of squares of :math:`X`
+        (``None``: :math:`X = I`). The diagonal of :math:`X X^\top` is all it needs."""
         sq = self.diag * self.diag
-        if mat is not None:
-            sq = sq * jnp.sum(mat * mat, axis=1)
+        if square_sums is not None:
+            sq = sq * square_sums.astype(sq.dtype)
         return DiagonalMatrix(sq)
 
     def average_trace(self) -> Array:

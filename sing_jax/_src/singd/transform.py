@@ -250,11 +250,18 @@ def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCaptur
             f"layer {cfg.path!r}: captured kernel {info.kernel_shape} (bias={info.has_bias}) "
             f"does not match the registered kernel {cfg.kernel_shape} (bias={cfg.has_bias})"
         )
-    a = capture_lib.input_matrix(capture, cfg.kfac_approx, jnp.dtype(cfg.dtype_k))
-    g = capture_lib.output_grad_matrix(capture, cfg.kfac_approx, cfg.loss_average,
-                                       jnp.dtype(cfg.dtype_c))
-    h_k = _from_rows(layer.k, a)
-    h_c = _from_rows(layer.c, g)
+    dtype_k, dtype_c = jnp.dtype(cfg.dtype_k), jnp.dtype(cfg.dtype_c)
+    if isinstance(layer.k, structures_lib.DiagonalMatrix):
+        h_k = layer.k.from_square_sums(
+            capture_lib.input_square_sums(capture, cfg.kfac_approx, dtype_k))
+    else:
+        h_k = _from_rows(layer.k, capture_lib.input_matrix(capture, cfg.kfac_approx, dtype_k))
+    if isinstance(layer.c, structures_lib.DiagonalMatrix):
+        h_c = layer.c.from_square_sums(capture_lib.output_grad_square_sums(
+            capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
+    else:
+        h_c = _from_rows(layer.c, capture_lib.output_grad_matrix(
+            capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
     if axis_name is not None:
         reduce = jax.lax.pmean if cfg.loss_average is not None else jax.lax.psum
         h_k, h_c = reduce((h_k, h_c), axis_name)
