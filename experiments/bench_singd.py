@@ -15,22 +15,37 @@ memory column is the size of the preconditioner state (K, C, m_K, m_C) in bytes.
 
 The last line is the headline ratio: our T=1 step over the PyTorch step (worst
 structure, CNN), and our diagonal T=10 step over SGD.
+
+CPU settings, the same for our SINGD and the SGD baseline: the CNN pools with
+:func:`sing_jax.nn.max_pool` (same values as ``nnx.max_pool``, a cheaper gradient),
+and XLA:CPU (jaxlib 0.10) is asked to run convolutions with its Eigen kernels
+rather than YNNPACK's, which are several times slower for these layer sizes
+(``--xla_cpu_experimental_ynn_fusion_type=reduce`` in ``XLA_FLAGS``, unless
+``XLA_FLAGS`` already sets it; see the README's CPU notes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import statistics
 import time
 import warnings
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+if (YNN_FLAG not in os.environ.get("XLA_FLAGS", "")
+        and importlib.metadata.version("jaxlib").startswith("0.10.")):
+    # Must be set before jax is imported; an unknown flag would abort other jaxlibs.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=reduce".strip()
 
-import sing_jax
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import sing_jax  # noqa: E402
 
 STRUCTURES = {  # ours -> PyTorch reference name
     "dense": "dense",
@@ -53,15 +68,6 @@ class MLP(nnx.Module):
         return self.l3(jax.nn.relu(self.l2(h)))
 
 
-def _pool_reshape(x):
-    b, h, w, c = x.shape
-    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-
-
-POOL = _pool_reshape if __import__("os").environ.get("POOL") == "reshape" else (
-    lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)))
-
-
 class CNN(nnx.Module):
     def __init__(self, rngs):
         self.c1 = nnx.Conv(3, 32, (3, 3), rngs=rngs)
@@ -72,7 +78,7 @@ class CNN(nnx.Module):
 
     def __call__(self, x):
         for conv in (self.c1, self.c2, self.c3):
-            x = POOL(jax.nn.relu(conv(x)))
+            x = sing_jax.nn.max_pool(jax.nn.relu(conv(x)), (2, 2))
         return self.d2(jax.nn.relu(self.d1(x.reshape(x.shape[0], -1))))
 
 
@@ -226,7 +232,7 @@ def main():
         pass
     bandwidth = copy_bandwidth()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+          f"{bandwidth / 1e9:.1f} GB/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     header = (f"{'model':<5} {'structure':<15} {'T':>3} {'ours ms':>9} {'sgd ms':>8} "
               f"{'torch ms':>9} {'ours/torch':>10} {'ours/sgd':>9} {'precond KiB':>11} "
               f"{'floor ms':>8}")

@@ -289,3 +289,20 @@ def test_rrelu_train_and_eval():
     np.testing.assert_allclose(rrelu(x), -0.2, rtol=1e-6)
     with pytest.raises(ValueError, match="lower=0.5, upper=0.2"):
         snn.RReLU(0.5, 0.2)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 7, 3), (2, 2), None, "VALID"),      # odd sizes: VALID drops the remainder
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 10, 4), (3,), None, "VALID"),          # 1-D
+    ((2, 9, 9, 2), (3, 3), (2, 2), "VALID"),    # overlapping: nnx.max_pool itself
+    ((2, 8, 8, 2), (2, 2), None, "SAME"),
+])
+def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides, padding):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = lambda x: snn.max_pool(x, window, strides, padding)  # noqa: E731
+    flax_pool = lambda x: nnx.max_pool(x, window, strides=strides or window,  # noqa: E731
+                                       padding=padding)
+    np.testing.assert_array_equal(ours(x), flax_pool(x))
+    grad = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)  # noqa: E731
+    np.testing.assert_array_equal(grad(ours), grad(flax_pool))

@@ -192,12 +192,18 @@ def test_structure_names_and_errors():
         S.DenseMatrix(jnp.ones((2, 3)))
 
 
-def test_from_inner_gram_equals_from_inner():
+@pytest.mark.parametrize("num_rows", [5, 40])  # fewer and many more rows than columns
+def test_from_inner_gram_and_rows_equal_from_inner(num_rows):
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
-    for name in S.STRUCTURE_CLASSES:
-        spec = S.structure(name)
-        a = spec.cls.from_dense(jnp.asarray(rng.normal(size=(9, 9)), jnp.float32))
-        np.testing.assert_allclose(a.from_inner_gram(x @ x.T).to_dense(),
-                                   a.from_inner(x).to_dense(), rtol=1e-4, atol=1e-4,
-                                   err_msg=name)
+    x = jnp.asarray(rng.normal(size=(9, num_rows)), jnp.float32)
+    cases = [(name, {}) for name in S.STRUCTURE_CLASSES] + [
+        ("block_diagonal", {"block_size": 4}),
+        ("block_diagonal", {"block_size": 4, "symmetric_blocks": True})]
+    for name, options in cases:
+        cls = S.structure(name).cls
+        a = cls.from_dense(jnp.asarray(rng.normal(size=(9, 9)), jnp.float32), **options)
+        want = a.from_inner(x).to_dense()
+        np.testing.assert_allclose(a.from_inner_gram(x @ x.T).to_dense(), want,
+                                   rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")
+        np.testing.assert_allclose(a.from_inner_rows(x.T).to_dense(), want,
+                                   rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")

@@ -1,5 +1,5 @@
 """Flax NNX modules: LearnableScaler, the normalisation family, norm swapping, BN folding,
-MC dropout, initialisation by activation, extra activations, and (in
+MC dropout, a max pool, initialisation by activation, extra activations, and (in
 :mod:`sing_jax.nn.models`) the benchmark models.
 """
 
@@ -8,7 +8,7 @@ from sing_jax.nn import models
 from sing_jax.nn.activations import PReLU, RReLU, SwiGLU, mish, relu_squared, swiglu
 from sing_jax.nn.folding import fold_batch_norms
 from sing_jax.nn.init import init_for_activation, init_scheme, reinit_by_activation
-from sing_jax.nn.layers import Identity, LearnableScaler
+from sing_jax.nn.layers import Identity, LearnableScaler, max_pool
 from sing_jax.nn.mc_dropout import mc_dropout_predict
 from sing_jax.nn.norms import NORM_NAMES, NORM_TYPES, make_norm, replace_norms
 
@@ -25,6 +25,7 @@ __all__ = [
     "init_for_activation",
     "init_scheme",
     "make_norm",
+    "max_pool",
     "mc_dropout_predict",
     "mish",
     "models",

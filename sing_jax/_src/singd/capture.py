@@ -268,13 +268,6 @@ def input_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
     return sums / jnp.asarray(rows, sums.dtype)
 
 
-def output_grad_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
-                            loss_average: str | None = "batch", dtype: Any = None) -> Array:
-    r"""The column sums of squares of :math:`G`, :math:`\sum_r G_{ri}^2`."""
-    g = output_grad_matrix(capture, kfac_approx, loss_average, dtype)
-    return jnp.sum(g * g, axis=0)
-
-
 # -- the capture itself ------------------------------------------------------------------
 SUPPORTED_LAYERS = (nnx.Linear, nnx.Conv)
 

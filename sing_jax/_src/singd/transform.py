@@ -251,28 +251,18 @@ def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCaptur
             f"does not match the registered kernel {cfg.kernel_shape} (bias={cfg.has_bias})"
         )
     dtype_k, dtype_c = jnp.dtype(cfg.dtype_k), jnp.dtype(cfg.dtype_c)
-    if isinstance(layer.k, structures_lib.DiagonalMatrix):
+    if isinstance(layer.k, structures_lib.DiagonalMatrix):  # no need to unfold conv inputs
         h_k = layer.k.from_square_sums(
             capture_lib.input_square_sums(capture, cfg.kfac_approx, dtype_k))
     else:
-        h_k = _from_rows(layer.k, capture_lib.input_matrix(capture, cfg.kfac_approx, dtype_k))
-    if isinstance(layer.c, structures_lib.DiagonalMatrix):
-        h_c = layer.c.from_square_sums(capture_lib.output_grad_square_sums(
-            capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
-    else:
-        h_c = _from_rows(layer.c, capture_lib.output_grad_matrix(
-            capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
+        h_k = layer.k.from_inner_rows(
+            capture_lib.input_matrix(capture, cfg.kfac_approx, dtype_k))
+    h_c = layer.c.from_inner_rows(capture_lib.output_grad_matrix(
+        capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
     if axis_name is not None:
         reduce = jax.lax.pmean if cfg.loss_average is not None else jax.lax.psum
         h_k, h_c = reduce((h_k, h_c), axis_name)
     return LayerCurvature(h_k, h_c, jnp.ones((), jnp.float32))
-
-
-def _from_rows(factor: structures_lib.StructuredMatrix, rows: Array):
-    r""":math:`P(S^\top R^\top R S)` for a (rows x d) matrix :math:`R`."""
-    if factor.gram_is_cheaper and rows.shape[0] > 2 * rows.shape[1]:
-        return factor.from_inner_gram(rows.T @ rows)
-    return factor.from_inner(rows.T)
 
 
 def zero_curvature(layer: LayerPreconditioner) -> LayerCurvature:

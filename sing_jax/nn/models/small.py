@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sing_jax.nn.init import init_for_activation
+from sing_jax.nn.layers import max_pool
 from sing_jax.nn.models._common import (
     ConvNormAct,
     check_input_channels,
@@ -108,8 +109,8 @@ class SmallCNN(nnx.Module):
             x = x[..., None]
         check_input_channels("SmallCNN", x, self.in_channels, 2)
         x = self.conv2(self.conv1(x))
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-        x = nnx.max_pool(self.conv3(x), (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(self.conv3(x), (2, 2), strides=(2, 2))
         return self.head(self.dropout(jnp.mean(x, axis=(1, 2))))
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sing_jax.nn.layers import max_pool
 from sing_jax.nn.models._common import (
     ConvNormAct,
     check_input_channels,
@@ -65,7 +66,7 @@ class VGG(nnx.Module):
         check_input_channels("VGG", x, self.in_channels, 2)
         for layer in self.features:
             if isinstance(layer, str):
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, (2, 2), strides=(2, 2))
             else:
                 x = layer(x)
         return self.head(jnp.mean(x, axis=(1, 2)))
