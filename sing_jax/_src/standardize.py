@@ -121,22 +121,46 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
     ``sum(g^2)``, so the centred gradient is never written out: on CPU this saves
     most of the cost of the two steps. Where the identity would cancel badly
     (``||g~||^2 < 1e-2 ||g||^2``, a gradient dominated by its channel means), the
-    norm is recomputed exactly from the centred gradient. Sums run in float32 at
-    least.
+    norm is recomputed exactly from the centred gradient; one ``lax.cond`` for the
+    whole tree decides whether any leaf needs that (a conditional per leaf cost
+    more on CPU than the sums). Sums run in float32 at least.
 
     Returns:
       A stateless ``optax.GradientTransformation``.
     """
 
-    def standardize(geometry, g):
-        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-        square_sum = jnp.sum(wide * wide)
-        if geometry.group_axes is None or geometry.group_size == 1:
-            return (wide / (jnp.sqrt(square_sum) + eps)).astype(g.dtype)
-        mean = jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
-        fast = square_sum - geometry.group_size * jnp.sum(mean * mean)
-        norm_sq = jax.lax.cond(fast > 1e-2 * square_sum, lambda: fast,
-                               lambda: jnp.sum(jnp.square(wide - mean)))
-        return ((wide - mean) / (jnp.sqrt(norm_sq) + eps)).astype(g.dtype)
+    def init_fn(params):
+        channels.resolve_channel_dims(channel_dims, params)
+        return optax.EmptyState()
 
-    return _stateless_per_leaf(channel_dims, standardize)
+    def update_fn(updates, state, params=None):
+        del params
+        geometries = channels.resolve_channel_dims(channel_dims, updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        wides, means, norms_sq, exacts, good = [], [], [], [], []
+        for geometry, g in zip(geometries, leaves):
+            wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+            square_sum = jnp.sum(wide * wide)
+            mean = None
+            if geometry.group_axes is not None and geometry.group_size > 1:
+                mean = jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
+                fast = square_sum - geometry.group_size * jnp.sum(mean * mean)
+                good.append(fast > 1e-2 * square_sum)
+                exacts.append(lambda wide=wide, mean=mean, fast=fast, ok=good[-1]: jnp.where(
+                    ok, fast, jnp.sum(jnp.square(wide - mean))))
+                square_sum = fast
+            wides.append(wide)
+            means.append(mean)
+            norms_sq.append(square_sum)
+        if exacts:
+            # One conditional for the whole tree: per-leaf ones cost more than the sums.
+            centred = [n for n, m in zip(norms_sq, means) if m is not None]
+            centred = jax.lax.cond(jnp.all(jnp.stack(good)), lambda: centred,
+                                   lambda: [exact() for exact in exacts])
+            it = iter(centred)
+            norms_sq = [next(it) if m is not None else n for n, m in zip(norms_sq, means)]
+        out = [((w if m is None else w - m) / (jnp.sqrt(n) + eps)).astype(g.dtype)
+               for w, m, n, g in zip(wides, means, norms_sq, leaves)]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
