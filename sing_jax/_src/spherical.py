@@ -234,7 +234,7 @@ def spherical_transport(inner: optax.GradientTransformation,
             raise ValueError(optax.NO_PARAMS_MSG)
         geometries = channels.resolve_channel_dims(channel_dims, params)
         direction, inner_state = inner.update(updates, state.inner_state, params)
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = _learning_rate_at(learning_rate, state.count)
         new_updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), direction)
         x_new = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, new_updates)
 
@@ -507,7 +507,7 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
             raise ValueError(optax.NO_PARAMS_MSG)
         geometries = channels.resolve_channel_dims(channel_dims, params)
         count = optax.safe_increment(state.count)
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = _learning_rate_at(learning_rate, state.count)
         bias1 = 1 - b1 ** count
         bias2 = 1 - b2 ** count
 

@@ -137,28 +137,26 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
         del params
         geometries = channels.resolve_channel_dims(channel_dims, updates)
         leaves, treedef = jax.tree.flatten(updates)
-        wides, means, norms_sq, exacts, good = [], [], [], [], []
-        for geometry, g in zip(geometries, leaves):
-            wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-            square_sum = jnp.sum(wide * wide)
-            mean = None
-            if geometry.group_axes is not None and geometry.group_size > 1:
-                mean = jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
-                fast = square_sum - geometry.group_size * jnp.sum(mean * mean)
-                good.append(fast > 1e-2 * square_sum)
-                exacts.append(lambda wide=wide, mean=mean, fast=fast, ok=good[-1]: jnp.where(
-                    ok, fast, jnp.sum(jnp.square(wide - mean))))
-                square_sum = fast
-            wides.append(wide)
-            means.append(mean)
-            norms_sq.append(square_sum)
-        if exacts:
-            # One conditional for the whole tree: per-leaf ones cost more than the sums.
-            centred = [n for n, m in zip(norms_sq, means) if m is not None]
-            centred = jax.lax.cond(jnp.all(jnp.stack(good)), lambda: centred,
-                                   lambda: [exact() for exact in exacts])
-            it = iter(centred)
-            norms_sq = [next(it) if m is not None else n for n, m in zip(norms_sq, means)]
+        wides = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
+        means = [jnp.mean(w, axis=geo.group_axes, keepdims=True)
+                 if geo.group_axes is not None and geo.group_size > 1 else None
+                 for w, geo in zip(wides, geometries)]
+        square_sums = [jnp.sum(w * w) for w in wides]
+        # ||g - mean||^2 = ||g||^2 - d sum_c mean_c^2 on the centred leaves
+        norms_sq = [s if m is None else s - geo.group_size * jnp.sum(m * m)
+                    for s, m, geo in zip(square_sums, means, geometries)]
+
+        def exact_where_cancelled():
+            return [n if m is None else
+                    jnp.where(n > 1e-2 * s, n, jnp.sum(jnp.square(w - m)))
+                    for n, s, w, m in zip(norms_sq, square_sums, wides, means)]
+
+        accurate = [n > 1e-2 * s for n, s, m in zip(norms_sq, square_sums, means)
+                    if m is not None]
+        if accurate:
+            # One conditional for the whole tree: one per leaf cost more than the sums.
+            norms_sq = jax.lax.cond(jnp.all(jnp.stack(accurate)), lambda: norms_sq,
+                                    exact_where_cancelled)
         out = [((w if m is None else w - m) / (jnp.sqrt(n) + eps)).astype(g.dtype)
                for w, m, n, g in zip(wides, means, norms_sq, leaves)]
         return treedef.unflatten(out), state
