@@ -25,10 +25,10 @@ def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
                         params)
 
 
-def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
-                        leaf_fn: Callable[[channels.LeafGeometry, jax.Array], jax.Array],
-                        ) -> optax.GradientTransformation:
-    """A stateless transform applying ``leaf_fn(geometry, g)`` to every leaf.
+def _stateless(channel_dims: ChannelDimsSpec,
+               tree_fn: Callable[[list[channels.LeafGeometry], Any], Any],
+               ) -> optax.GradientTransformation:
+    """A stateless transform returning ``tree_fn(geometries, updates)``.
 
     The spec is validated at ``init`` (errors name the leaf) and resolved again on
     the updates at every ``update``.
@@ -40,10 +40,17 @@ def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
 
     def update_fn(updates, state, params=None):
         del params
-        geometries = channels.resolve_channel_dims(channel_dims, updates)
-        return channels.map_with_geometry(leaf_fn, geometries, updates), state
+        return tree_fn(channels.resolve_channel_dims(channel_dims, updates), updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
+                        leaf_fn: Callable[[channels.LeafGeometry, jax.Array], jax.Array],
+                        ) -> optax.GradientTransformation:
+    """A stateless transform applying ``leaf_fn(geometry, g)`` to every leaf."""
+    return _stateless(channel_dims, lambda geometries, updates: channels.map_with_geometry(
+        leaf_fn, geometries, updates))
 
 
 def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
@@ -129,13 +136,7 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
       A stateless ``optax.GradientTransformation``.
     """
 
-    def init_fn(params):
-        channels.resolve_channel_dims(channel_dims, params)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        geometries = channels.resolve_channel_dims(channel_dims, updates)
+    def standardize(geometries, updates):
         leaves, treedef = jax.tree.flatten(updates)
         wides = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
         means = [jnp.mean(w, axis=geo.group_axes, keepdims=True)
@@ -159,6 +160,6 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
                                     exact_where_cancelled)
         out = [((w if m is None else w - m) / (jnp.sqrt(n) + eps)).astype(g.dtype)
                for w, m, n, g in zip(wides, means, norms_sq, leaves)]
-        return treedef.unflatten(out), state
+        return treedef.unflatten(out)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _stateless(channel_dims, standardize)
