@@ -336,6 +336,32 @@ def test_four_devices_equal_one_device_under_shard_map_and_jit():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@quiet
+def test_four_devices_equal_one_device_under_pmap():
+    devices = jax.devices()[:4]
+    tx = sing_jax.singd(0.05, T=1, lr_cov=0.05, structures=("dense", "diagonal"))
+    graphdef, params, rest, state = setup(tx)
+    x, y = batch(n=8)
+    single = jax.jit(make_step(tx, graphdef))
+    replicated = jax.pmap(make_step(tx, graphdef, axis_name="data"), axis_name="data",
+                          devices=devices)
+    replicate = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jnp.broadcast_to(a, (len(devices),) + jnp.shape(a)), tree)
+    p1, r1, s1 = params, rest, state
+    p4, r4, s4 = replicate(params), replicate(rest), replicate(state)
+    xs, ys = x.reshape((4, 2) + x.shape[1:]), y.reshape((4, 2) + y.shape[1:])
+    for _ in range(2):
+        p1, r1, s1, l1 = single(p1, r1, s1, x, y)
+        p4, r4, s4, l4 = replicated(p4, r4, s4, xs, ys)
+        np.testing.assert_allclose(l4, np.full(4, l1), rtol=1e-5)
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(first(p4)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.layers), jax.tree.leaves(first(s4).layers),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 @quiet
 def test_orbax_round_trip_continues_identically(tmp_path):
