@@ -278,6 +278,39 @@ def test_ikfac_inverse_tracks_the_averaged_statistics_to_first_order():
         assert errors[2] < 1e-5 and errors[3] < 1e-5, errors
 
 
+@quiet
+@pytest.mark.parametrize("jit", [False, True])
+def test_per_layer_T_refreshes_each_layer_on_its_own_period(jit):
+    """conv every 3rd step, head every step; a layer's K, C move only on its steps."""
+    tx = sing_jax.singd(0.05, T=1, lr_cov=0.1, layer_overrides={"^conv$": {"T": 3}})
+    graphdef, params, rest, state = setup(tx)
+    assert [lp.config.T for lp in state.layers] == [3, 1]
+    assert "T=3" in sing_jax.singd_report(state)
+    step = make_step(tx, graphdef)
+    step = jax.jit(step) if jit else step
+    x, y = batch()
+    for t in range(4):  # counts 0..3: conv refreshes at 0 and 3
+        before = [lp.k.to_dense() for lp in state.layers]
+        params, rest, state, _ = step(params, rest, state, x, y)
+        conv_moved, head_moved = (not np.allclose(b, lp.k.to_dense())
+                                  for b, lp in zip(before, state.layers))
+        assert conv_moved == (t % 3 == 0), t
+        assert head_moved, t
+    # the same schedule as a global T when every layer has it
+    same = sing_jax.singd(0.05, T=2, lr_cov=0.1)
+    over = sing_jax.singd(0.05, T=5, lr_cov=0.1, layer_overrides={".*": {"T": 2}})
+    runs = []
+    for t in (same, over):
+        graphdef, params, rest, state = setup(t)
+        for _ in range(3):
+            params, rest, state, _ = jax.jit(make_step(t, graphdef))(params, rest, state, x, y)
+        runs.append(params)
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="layer 'conv': T must be a positive int"):
+        sing_jax.singd(layer_overrides={"conv": {"T": 0}}).init(params)
+
+
 # --- gradient accumulation ----------------------------------------------------------------
 @quiet
 @pytest.mark.parametrize("kfac_like", [False, True])

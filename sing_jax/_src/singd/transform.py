@@ -78,6 +78,7 @@ _OVERRIDABLE = (
     "kfac_like",
     "normalize_lr_cov",
     "preconditioner_dtype",
+    "T",
 )
 
 
@@ -142,16 +143,17 @@ class SINGDRegistration:
     """Which layers SINGD preconditions (with which structures) and which params go
     to ``other``; printable with :func:`singd_report`."""
 
-    layers: tuple[tuple[str, str, str, str, int, int, int], ...]
+    layers: tuple[tuple[str, str, str, str, int, int, int, int], ...]
     other: tuple[str, ...]
     frozen_other: bool
     T: int
 
     def report(self) -> str:
         lines = [f"SINGD registration (T={self.T}): {len(self.layers)} layers"]
-        for path, kind, sk, sc, dk, dc, nbytes in self.layers:
+        for path, kind, sk, sc, dk, dc, nbytes, period in self.layers:
             lines.append(
                 f"  {path:<30s} {kind:<6s} K:{sk}[{dk}] C:{sc}[{dc}] precond {nbytes} B"
+                + ("" if period == self.T else f" T={period}")
             )
         label = "frozen (other=None)" if self.frozen_other else "trained by `other`"
         lines.append(f"  {len(self.other)} other parameters, {label}:")
@@ -279,7 +281,12 @@ def singd_curvature(opt_state: Any, captures: Mapping[str, capture_lib.LayerCapt
     update averages them (``count``) so accumulation equals one big batch.
     """
     state = _find_singd_state(opt_state)
-    out = {}
+    _check_captured(state, captures)
+    return {layer.config.path: layer_curvature(layer, captures[layer.config.path], axis_name)
+            for layer in state.layers}
+
+
+def _check_captured(state: SINGDState, captures: Mapping[str, Any]) -> None:
     for layer in state.layers:
         path = layer.config.path
         if path not in captures:
@@ -288,8 +295,6 @@ def singd_curvature(opt_state: Any, captures: Mapping[str, capture_lib.LayerCapt
                 f"{sorted(captures)}. If it is not an nnx.Linear/nnx.Conv, exclude it with "
                 f"layer_overrides={{{path!r}: None}}"
             )
-        out[path] = layer_curvature(layer, captures[path], axis_name)
-    return out
 
 
 def accumulate_singd_stats(*stats: Mapping[str, LayerCurvature]) -> dict[str, LayerCurvature]:
@@ -392,7 +397,8 @@ def singd(
       alpha1: :math:`\alpha_1`, Riemannian momentum of :math:`m_K, m_C` (forced to 0,
         with a warning, when ``kfac_like``).
       weight_decay: :math:`\gamma`, added after preconditioning.
-      T: preconditioner update period (global).
+      T: preconditioner update period (a positive int; per layer through
+        ``layer_overrides``).
       lr_cov: :math:`\beta_1` (float or schedule of the step count).
       structures: structures of ``(K, C)``: names (see
         :func:`~sing_jax._src.singd.structures.structure`) or specs.
@@ -407,7 +413,7 @@ def singd(
         ``re.search`` on layer paths (``"block/0/linear"``); all matching patterns apply
         in order (later wins); None sends the layer to ``other``. Overridable:
         ``learning_rate, momentum, damping, alpha1, weight_decay, lr_cov, structures,
-        kfac_approx, loss_average, kfac_like, normalize_lr_cov, preconditioner_dtype``.
+        kfac_approx, loss_average, kfac_like, normalize_lr_cov, preconditioner_dtype, T``.
       axis_name: with raw captures, average ``H_K, H_C`` over this mapped axis.
 
     Returns:
@@ -417,8 +423,6 @@ def singd(
       Lin et al., *Structured Inverse-Free Natural Gradient: Memory-Efficient &
       Numerically-Stable KFAC*, 2023 (arXiv:2312.05705).
     """
-    if not isinstance(T, int | np.integer) or T < 1:
-        raise ValueError(f"T must be a positive int, got {T!r}")
     layer_overrides = dict(layer_overrides or {})
     for pattern, override in layer_overrides.items():
         re.compile(pattern)
@@ -433,7 +437,7 @@ def singd(
         learning_rate=learning_rate, momentum=momentum, damping=damping, alpha1=alpha1,
         weight_decay=weight_decay, lr_cov=lr_cov, structures=structures,
         kfac_approx=kfac_approx, loss_average=loss_average, kfac_like=kfac_like,
-        normalize_lr_cov=normalize_lr_cov, preconditioner_dtype=preconditioner_dtype,
+        normalize_lr_cov=normalize_lr_cov, preconditioner_dtype=preconditioner_dtype, T=T,
     )
     _validate(defaults, "")
     other_tx = optax.with_extra_args_support(other) if other is not None else None
@@ -482,7 +486,7 @@ def singd(
                 structure_k=s_k, structure_c=s_c,
                 dtype_k=jnp.dtype(pdt_k or leaf.dtype).name,
                 dtype_c=jnp.dtype(pdt_c or leaf.dtype).name,
-                kfac_approx=hp["kfac_approx"], loss_average=hp["loss_average"], T=int(T),
+                kfac_approx=hp["kfac_approx"], loss_average=hp["loss_average"], T=int(hp["T"]),
             )
             hyper = _LayerHyper(hp["learning_rate"], hp["momentum"], hp["damping"], alpha,
                                 hp["weight_decay"], hp["lr_cov"], bool(hp["kfac_like"]),
@@ -517,7 +521,7 @@ def singd(
                          None if bi is None else jnp.zeros_like(leaves[bi])))
             nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((k, c, m_k, m_c)))
             rows.append((cfg.path, cfg.kind, str(cfg.structure_k), str(cfg.structure_c),
-                         cfg.dim_k, cfg.dim_c, int(nbytes)))
+                         cfg.dim_k, cfg.dim_c, int(nbytes), cfg.T))
         reg = SINGDRegistration(tuple(rows), tuple(paths[i] for i in other_idx),
                                 other is None, int(T))
         logger.info(reg.report())
@@ -611,6 +615,9 @@ def singd(
 
 
 def _validate(hp: Mapping[str, Any], where: str) -> None:
+    period = hp["T"]
+    if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
+        raise ValueError(f"{where}T must be a positive int, got {period!r}")
     for name in ("learning_rate", "lr_cov", "momentum", "damping", "weight_decay", "alpha1"):
         _check_nonneg(name, hp[name], where)
     if not callable(hp["alpha1"]) and hp["alpha1"] >= 1:
@@ -648,8 +655,10 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
 
     With ``opt_state`` (the state of an optimizer containing :func:`singd`) the
     statistics are the per-layer :class:`LayerCurvature` :math:`(H_K, H_C)` computed
-    with the current factors, and on steps where the preconditioner is not refreshed
-    (``count % T != 0``) no capture work is done at all (``lax.cond`` under ``jit``).
+    with the current factors; a layer whose preconditioner is not refreshed at this
+    step (``count % T != 0``, ``T`` per layer) gets zero statistics without computing
+    them (``lax.cond`` under ``jit``), and when no layer is refreshed no capture work
+    is done at all.
     Without ``opt_state`` the raw per-layer captures are returned (always captured).
 
     With ``axis_name`` (inside ``shard_map``/``pmap``) the loss, the gradients and the
@@ -675,27 +684,35 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
         value, grads, stats, new_rest = run(True)
     else:
         state = _find_singd_state(opt_state)
-        period = state.registration.value.T
-
-        def zeros(_):
-            return {lp.config.path: zero_curvature(lp) for lp in state.layers}
-
         count = _concrete_int(state.count)
-        if count is not None and count % period != 0:
-            # a known skip step: a plain value_and_grad, no capture work at all
+
+        def refreshed(lp):  # None: decided at run time
+            if lp.config.T == 1 or count is not None:
+                return lp.config.T == 1 or count % lp.config.T == 0
+            return None
+
+        if all(refreshed(lp) is False for lp in state.layers) and state.layers:
+            # a known skip step for every layer: a plain value_and_grad, no capture work
             value, grads, _, new_rest = run(False)
-            stats = zeros(None)
+            stats = {lp.config.path: zero_curvature(lp) for lp in state.layers}
         else:
             # Under jit the capture itself is nearly free (the inputs are kept for the
             # backward pass anyway, the output cotangents are computed anyway); only the
             # curvature products sit behind lax.cond. Forward/backward stay outside the
             # cond, where XLA:CPU runs convolutions with its fast kernels.
             value, grads, captures, new_rest = run(True)
-            if period == 1 or count is not None:
-                stats = singd_curvature(state, captures)
-            else:
-                stats = jax.lax.cond(state.count % period == 0,
-                                     lambda c: singd_curvature(state, c), zeros, captures)
+            _check_captured(state, captures)
+            stats = {}
+            for lp in state.layers:
+                cap, when = captures[lp.config.path], refreshed(lp)
+                if when is None:
+                    stats[lp.config.path] = jax.lax.cond(
+                        state.count % lp.config.T == 0,
+                        lambda c, lp=lp: layer_curvature(lp, c),
+                        lambda c, lp=lp: zero_curvature(lp), cap)
+                else:
+                    stats[lp.config.path] = (layer_curvature(lp, cap) if when
+                                             else zero_curvature(lp))
     if axis_name is not None:
         value, grads = jax.lax.pmean((value, grads), axis_name)
         if opt_state is not None:
