@@ -25,6 +25,41 @@ def _wide(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _map_leaves(fn, geometries: list[LeafGeometry], updates: Any, *trees: Any,
+                num_states: int) -> tuple[Any, ...]:
+    """Runs ``fn(geometry, update, *leaves_of_trees)`` per leaf and regroups its outputs.
+
+    ``fn`` returns the new update and then a new leaf for each of the first
+    ``num_states`` of ``trees`` (the remaining trees, e.g. the params, are inputs
+    only). Returns ``(updates, *new_state_trees)``.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    tree_leaves = [jax.tree.leaves(t) for t in trees]
+    outs = [fn(geo, g, *(t[i] for t in tree_leaves))
+            for i, (geo, g) in enumerate(zip(geometries, leaves))]
+    regrouped = [treedef.unflatten([o[0] for o in outs])]
+    for j in range(num_states):
+        regrouped.append(jax.tree.structure(trees[j]).unflatten([o[j + 1] for o in outs]))
+    return tuple(regrouped)
+
+
+def _adams_moments(geometry: LeafGeometry, g: jax.Array, m: jax.Array, v: jax.Array,
+                   b1: float, b2: float) -> tuple[jax.Array, jax.Array]:
+    """AdamS's moment recursions on one leaf: ``m`` elementwise, ``v`` per channel."""
+    return ((b1 * m + (1 - b1) * g).astype(m.dtype),
+            (b2 * v + (1 - b2) * channels.channel_inner(g, g, geometry)).astype(v.dtype))
+
+
+def _momentum_buffer(g: jax.Array, b: jax.Array, momentum: float,
+                     dampening: float) -> jax.Array:
+    """The heavy-ball recursion with PyTorch's dampening on one leaf."""
+    return (momentum * b + (1 - dampening) * g).astype(b.dtype)
+
+
 # ---------------------------------------------------------------------------------
 # AdamS: the per-channel second moment
 
@@ -79,20 +114,16 @@ def scale_by_adams(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         del params
         geometries = channels.resolve_channel_dims(channel_dims, updates)
         count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
-                          state.mu)
-        nu = channels.map_with_geometry(
-            lambda geo, g, v: (b2 * v + (1 - b2) * channels.channel_inner(g, g, geo)
-                               ).astype(v.dtype),
-            geometries, updates, state.nu)
         bias1 = 1 - b1 ** count
         bias2 = 1 - b2 ** count
 
-        def direction(geo, g, m, v):
+        def leaf(geo, g, m, v):
+            m, v = _adams_moments(geo, g, m, v, b1, b2)
             scale = geo.group_size ** 0.5
-            return (scale * (m / bias1) / (jnp.sqrt(v / bias2) + eps)).astype(g.dtype)
+            return (scale * (m / bias1) / (jnp.sqrt(v / bias2) + eps)).astype(g.dtype), m, v
 
-        new_updates = channels.map_with_geometry(direction, geometries, updates, mu, nu)
+        new_updates, mu, nu = _map_leaves(leaf, geometries, updates, state.mu, state.nu,
+                                          num_states=2)
         return new_updates, ScaleByAdamSState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -130,7 +161,7 @@ def scale_by_momentum(momentum: float = 0.9, dampening: float = 0.0,
 
     def update_fn(updates, state, params=None):
         del params
-        buf = jax.tree.map(lambda g, b: (momentum * b + (1 - dampening) * g).astype(b.dtype),
+        buf = jax.tree.map(lambda g, b: _momentum_buffer(g, b, momentum, dampening),
                            updates, state.momentum)
         return jax.tree.map(lambda b, g: b.astype(g.dtype), buf, updates), \
             ScaleByMomentumState(buf)
@@ -326,10 +357,6 @@ def _step_and_transport(m: jax.Array, v: jax.Array | None, p: jax.Array, s: jax.
     return update, moved.astype(m.dtype), v
 
 
-def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
-    return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
 def scale_by_adamsrt(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
                      b2: float = 0.999, eps: float = 1e-8,
                      channel_dims: ChannelDimsSpec = None) -> optax.GradientTransformation:
@@ -371,8 +398,7 @@ def scale_by_adamsrt(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0
         bias2 = 1 - b2 ** count
 
         def leaf(geo, g, m, v, p):
-            m = (b1 * m + (1 - b1) * g).astype(m.dtype)
-            v = (b2 * v + (1 - b2) * channels.channel_inner(g, g, geo)).astype(v.dtype)
+            m, v = _adams_moments(geo, g, m, v, b1, b2)
             # The step is s * m with s per channel (elementwise on Euclidean leaves).
             s = lr * (geo.group_size ** 0.5 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
             if not geo.is_spherical:
@@ -421,7 +447,7 @@ def scale_by_sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float
         lr = _learning_rate_at(learning_rate, state.count)
 
         def leaf(geo, g, b, p):
-            b = (momentum * b + (1 - dampening) * g).astype(b.dtype)
+            b = _momentum_buffer(g, b, momentum, dampening)
             if not geo.is_spherical:
                 return (-lr * b).astype(g.dtype), b
             update, moved, _ = _step_and_transport(b, None, p, lr, geo, 0.0, g.dtype)
@@ -433,24 +459,6 @@ def scale_by_sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float
                                                     ScaleByMomentumState(buf))
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _map_leaves(fn, geometries: list[LeafGeometry], updates: Any, *trees: Any,
-                num_states: int) -> tuple[Any, ...]:
-    """Runs ``fn(geometry, update, *leaves_of_trees)`` per leaf and regroups its outputs.
-
-    ``fn`` returns the new update and then a new leaf for each of the first
-    ``num_states`` of ``trees`` (the remaining trees, e.g. the params, are inputs
-    only). Returns ``(updates, *new_state_trees)``.
-    """
-    leaves, treedef = jax.tree.flatten(updates)
-    tree_leaves = [jax.tree.leaves(t) for t in trees]
-    outs = [fn(geo, g, *(t[i] for t in tree_leaves))
-            for i, (geo, g) in enumerate(zip(geometries, leaves))]
-    regrouped = [treedef.unflatten([o[0] for o in outs])]
-    for j in range(num_states):
-        regrouped.append(jax.tree.structure(trees[j]).unflatten([o[j + 1] for o in outs]))
-    return tuple(regrouped)
 
 
 # ---------------------------------------------------------------------------------
@@ -512,8 +520,7 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
         bias2 = 1 - b2 ** count
 
         def leaf(geo, g, m, v, p):
-            m = (b1 * m + (1 - b1) * g).astype(m.dtype)
-            v = (b2 * v + (1 - b2) * channels.channel_inner(g, g, geo)).astype(v.dtype)
+            m, v = _adams_moments(geo, g, m, v, b1, b2)
             # Adam's step is s * m, s per channel on sphere leaves.
             s = lr * (1.0 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
             if geo.group_axes is None:
