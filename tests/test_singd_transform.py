@@ -42,6 +42,15 @@ def batch(key=0, n=8, dtype=jnp.float32):
     return (jax.random.normal(kx, (n, 6, 6, 2), dtype), jax.random.normal(ky, (n, 2), dtype))
 
 
+def raw_captures():
+    """Params, gradients and raw per-layer captures of ``Net`` on one batch."""
+    x, y = batch()
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    return params, grads, caps
+
+
 def quiet(fn):
     @functools.wraps(fn)
     def wrapper(*a, **k):
@@ -137,10 +146,7 @@ def test_works_under_multisteps():
 # --- other parameters, overrides, report --------------------------------------------------
 @quiet
 def test_other_params_follow_the_other_transform_and_none_freezes_them():
-    x, y = batch()
-    model = Net(nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    params, grads, caps = raw_captures()
     adam = optax.adam(1e-2)
     upd, _ = sing_jax.singd(0.1, other=adam).update(
         grads, sing_jax.singd(0.1, other=adam).init(params), params, singd_stats=caps)
@@ -158,10 +164,7 @@ def test_other_params_follow_the_other_transform_and_none_freezes_them():
 
 @quiet
 def test_regex_overrides_structures_hyperparameters_and_exclusion():
-    x, y = batch()
-    model = Net(nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    params, grads, caps = raw_captures()
     tx = sing_jax.singd(0.1, momentum=0.0, structures=("dense", "dense"),
                         layer_overrides={"^conv$": {"structures": ("diagonal", "tril_toeplitz"),
                                                     "learning_rate": 0.3}})
@@ -185,10 +188,7 @@ def test_regex_overrides_structures_hyperparameters_and_exclusion():
 
 @quiet
 def test_schedules_for_learning_rate_and_lr_cov():
-    x, y = batch()
-    model = Net(nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    params, grads, caps = raw_captures()
 
     def run(lr, lr_cov, steps=3):
         tx = sing_jax.singd(lr, momentum=0.0, T=1, lr_cov=lr_cov)
