@@ -96,21 +96,12 @@ def normalize_gradients(eps: float = 1e-8) -> optax.GradientTransformation:
       A stateless ``optax.GradientTransformation``.
     """
 
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
+    def normalize(g):
+        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        norm = jnp.sqrt(jnp.sum(wide * wide))
+        return (wide / (norm + eps)).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def normalize(g):
-            wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-            norm = jnp.sqrt(jnp.sum(wide * wide))
-            return (wide / (norm + eps)).astype(g.dtype)
-
-        return jax.tree.map(normalize, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(lambda updates, params: jax.tree.map(normalize, updates))
 
 
 def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
