@@ -333,3 +333,26 @@ def test_a_channel_at_zero_keeps_finite_moments(make):
         params = optax.apply_updates(params, updates)
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
         np.testing.assert_array_equal(np.asarray(params[0][..., 0]), 0.0)
+
+
+@pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0)])
+def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
+    # Below float64 the tail log1p(exp(-beta d)) is a polynomial: it must agree with
+    # PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
+    d = np.concatenate([np.linspace(0.0, 1.5 * threshold / beta, 20001),
+                        [threshold / beta, 1.0001 * threshold / beta, 10.0]])
+    d = d.astype(np.float32).astype(np.float64)  # the inputs all three dtypes can hold
+
+    def pytorch_rule(z):  # z = beta * d in the dtype under test decides the branch
+        softplus = np.log1p(np.exp(np.minimum(beta * d, threshold))) / beta
+        return np.where(np.asarray(z, np.float64) > threshold, d, softplus)
+
+    expected = pytorch_rule(np.float32(beta) * d.astype(np.float32))
+    ours32 = np.asarray(sing_jax.softplus_denominator(jnp.asarray(d, jnp.float32), beta,
+                                                      threshold), np.float64)
+    np.testing.assert_allclose(ours32, expected, rtol=3e-7)
+    ours16 = sing_jax.softplus_denominator(jnp.asarray(d, jnp.bfloat16), beta, threshold)
+    assert ours16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ours16, np.float64), expected, rtol=2e-2)
+    ours64 = np.asarray(sing_jax.softplus_denominator(jnp.asarray(d), beta, threshold))
+    np.testing.assert_allclose(ours64, pytorch_rule(beta * d), rtol=1e-14)
