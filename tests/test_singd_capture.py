@@ -335,3 +335,29 @@ def test_square_sums_equal_the_column_norms_of_the_factor_matrices(case, kfac_ap
     a = capture_lib.input_matrix(cap, kfac_approx)
     np.testing.assert_allclose(capture_lib.input_square_sums(cap, kfac_approx),
                                jnp.diag(a.T @ a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("chunk_images", [1, 2, 6])
+def test_gram_statistics_summed_over_batch_chunks_equal_the_whole_patch_matrix(case,
+                                                                             chunk_images):
+    """Unfolding a few images at a time and summing gives the statistic of all of A."""
+    kwargs = CONV_CASES[case]
+    conv = nnx.Conv(rngs=nnx.Rngs(0), **kwargs)
+    info = capture_lib.layer_info(conv, "conv")
+    x = jax.random.normal(jax.random.key(7), (2, 3, 7, 6, kwargs["in_features"]))
+    cap = capture_lib.LayerCapture(x, conv(x), info)
+    a = capture_lib.input_matrix(cap, "expand")
+    one_image = capture_lib.conv_patches(x[0, :1], info)
+    budget = chunk_images * one_image.size * one_image.dtype.itemsize
+    block = sing_jax.singd_structures.BlockDiagonalMatrix.zeros(a.shape[1], block_size=4)
+    for statistic in (lambda rows: rows.T @ rows, block.gram_statistic):
+        chunked = capture_lib.input_gram_statistic(cap, "expand", None, statistic,
+                                                   max_chunk_bytes=budget)
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5,
+                                                                  atol=1e-6),
+                     chunked, statistic(a))
+    # a budget below one image still unfolds one image at a time
+    np.testing.assert_allclose(capture_lib.input_gram_statistic(
+        cap, "expand", None, lambda rows: rows.T @ rows, max_chunk_bytes=1), a.T @ a,
+        rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import sing_jax
 from sing_jax._src.singd import capture as capture_lib
+from sing_jax._src.singd import transform as transform_lib
 
 S = sing_jax.singd_structures
 
@@ -335,6 +336,24 @@ def test_gradient_accumulation_equals_one_big_batch(kfac_like):
     for lp_a, lp_b in zip(st_big.layers, st_acc.layers, strict=True):
         np.testing.assert_allclose(lp_a.k.to_dense(), lp_b.k.to_dense(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(lp_a.c.to_dense(), lp_b.c.to_dense(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("structure", ["dense", "block_diagonal", "hierarchical",
+                                       "tril_toeplitz"])
+def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure, monkeypatch):
+    params, _, caps = raw_captures()
+    structure_of = sing_jax.singd_structures.structure
+    spec = {"block_diagonal": structure_of("block_diagonal", block_size=4),
+            "hierarchical": structure_of("hierarchical", k1=3, k2=5)}
+    tx = sing_jax.singd(0.1, structures=(spec.get(structure, structure),) * 2)
+    state = tx.init(params)
+    curvatures = {}
+    for budget in (1, None):  # one image per chunk; everything at once
+        monkeypatch.setattr(transform_lib, "CPU_PATCH_CHUNK_BYTES", budget)
+        curvatures[budget] = sing_jax.singd_curvature(state, caps)
+    for path, curv in curvatures[1].items():
+        np.testing.assert_allclose(curv.h_k.to_dense(), curvatures[None][path].h_k.to_dense(),
+                                   rtol=1e-5, atol=1e-7)
 
 
 # --- data parallelism ------------------------------------------------------------------------

@@ -20,6 +20,8 @@ the loss averages over (``"batch"``: :math:`B`; ``"batch+sequence"``: :math:`B S
 feature order (input channel, kernel row, kernel column), i.e. PyTorch's
 ``weight.flatten(1)``, matching the kernel reshaped to :math:`(C_{out}, C_{in}/g\,
 k_H k_W)`; grouped convolutions average the input channels over groups.
+Statistics that are sums over the rows of :math:`A` (Gram matrices and their
+blocks) can be taken over a few images at a time, :func:`input_gram_statistic`.
 """
 
 from __future__ import annotations
@@ -206,7 +208,12 @@ def conv_patches(x: Array, info: LayerInfo) -> Array:
     patches are gathered with strided slices (no convolution), which stays fast on CPU
     inside ``lax.cond``.
     """
-    patches = jnp.stack(_conv_taps(_conv_input(x, info), info), axis=-1)  # (B,O1,O2,C,kh*kw)
+    return _patches(_conv_input(x, info), info)
+
+
+def _patches(x: Array, info: LayerInfo) -> Array:
+    """:func:`conv_patches` of an input already in :func:`_conv_input`'s form."""
+    patches = jnp.stack(_conv_taps(x, info), axis=-1)  # (B, O1, O2, C, kh*kw)
     return patches.reshape(patches.shape[:3] + (-1,))
 
 
@@ -223,9 +230,60 @@ def input_matrix(capture: LayerCapture, kfac_approx: str = "expand",
         rows = x.reshape(-1, d_in)
     else:
         rows = x.reshape(x.shape[0], -1, d_in).mean(axis=1)
-    if info.has_bias:
-        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    rows = _with_bias_column(rows, info)
     return rows / jnp.sqrt(jnp.asarray(rows.shape[0], rows.dtype))
+
+
+def _with_bias_column(rows: Array, info: LayerInfo) -> Array:
+    if not info.has_bias:
+        return rows
+    return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    return max(k for k in range(1, min(n, max(bound, 1)) + 1) if n % k == 0)
+
+
+def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
+                         statistic: Callable[[Array], Any],
+                         max_chunk_bytes: int | None = None) -> Any:
+    r"""``statistic(A)`` for a statistic that is a sum over the rows of :math:`A`
+    (a Gram matrix, or some of its blocks), without holding all of :math:`A` at once.
+
+    For KFAC-expand convolutions :math:`A` has one row per output position, many
+    times the size of the input. With ``max_chunk_bytes`` the patches are unfolded
+    and summed a few images at a time (a ``lax.scan`` over chunks of the batch that
+    are each at most that size, when the batch divides into such chunks): the sum is
+    the same, but each chunk stays in cache instead of the whole patch matrix
+    going through memory (on CPU about 2x faster for a CIFAR-size CNN). ``None``
+    unfolds everything at once, as :func:`input_matrix` does.
+    """
+    info = capture.info
+    if info.kind != "conv" or kfac_approx != "expand" or max_chunk_bytes is None:
+        return statistic(input_matrix(capture, kfac_approx, dtype))
+    x = _conv_input(capture.inputs if dtype is None else capture.inputs.astype(dtype), info)
+    batch = x.shape[0]
+    one_image = jax.eval_shape(lambda: _patches(x[:1], info))
+    num_rows = batch * math.prod(one_image.shape[1:3])
+    per_image_bytes = math.prod(one_image.shape) * one_image.dtype.itemsize
+    images = _largest_divisor_at_most(batch, max_chunk_bytes // per_image_bytes)
+    scale = 1.0 / math.sqrt(num_rows)  # input_matrix's 1/sqrt(r), r = all rows
+
+    def chunk_statistic(xc):
+        patches = _patches(xc, info)
+        rows = _with_bias_column(patches.reshape(-1, patches.shape[-1]), info)
+        return statistic(rows * jnp.asarray(scale, rows.dtype))
+
+    if images == batch:
+        return chunk_statistic(x)
+    chunks = x.reshape((batch // images, images) + x.shape[1:])
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(chunk_statistic, chunks[0]))
+
+    def add_chunk(acc, xc):
+        return jax.tree.map(jnp.add, acc, chunk_statistic(xc)), None
+
+    return jax.lax.scan(add_chunk, total, chunks)[0]
 
 
 def output_grad_matrix(capture: LayerCapture, kfac_approx: str = "expand",

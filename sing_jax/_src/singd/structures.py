@@ -181,14 +181,29 @@ class StructuredMatrix:
         full = self.rmatmat(half.T)  # S^T (S^T M)^T = S^T M S  (M symmetric)
         return self.project(0.5 * (full + full.T))
 
+    def uses_gram(self, num_rows: int) -> bool:
+        r"""Whether :meth:`from_inner_rows` of ``num_rows`` rows goes through the Gram
+        statistic (:meth:`gram_statistic`), which is a sum over rows: then the rows can
+        be produced and summed in chunks (see ``capture.input_gram_statistic``)."""
+        return self.gram_is_cheaper and num_rows > 2 * self.dim
+
+    def gram_statistic(self, rows: Array) -> Any:
+        r"""The part of :math:`R^\top R` that :math:`P(S^\top R^\top R S)` depends on, a
+        pytree that is additive over chunks of rows (here the whole Gram matrix)."""
+        return rows.T @ rows
+
+    def from_gram_statistic(self, statistic: Any) -> StructuredMatrix:
+        r""":math:`P(S^\top M S)` from ``gram_statistic`` of the rows of :math:`M = R^\top R`."""
+        return self.from_inner_gram(statistic)
+
     def from_inner_rows(self, rows: Array) -> StructuredMatrix:
         r""":math:`P(S^\top R^\top R S)` for a ``(n, dim)`` matrix of rows :math:`R`.
 
-        ``from_inner(R.T)``, or through the Gram matrix :math:`R^\top R` where that is
-        cheaper (many more rows than columns, for the dense-cost structures).
+        ``from_inner(R.T)``, or through the Gram statistic where that is cheaper (many
+        more rows than columns, for the dense-cost structures).
         """
-        if self.gram_is_cheaper and rows.shape[0] > 2 * rows.shape[1]:
-            return self.from_inner_gram(rows.T @ rows)
+        if self.uses_gram(rows.shape[0]):
+            return self.from_gram_statistic(self.gram_statistic(rows))
         return self.from_inner(rows.T)
 
     def average_trace(self) -> Array:
@@ -432,14 +447,24 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return self._replace(blocks=jnp.einsum("nji,njk->nik", self.blocks, self.blocks),
                              last=self.last.T @ self.last)
 
-    def from_inner_rows(self, rows: Array) -> BlockDiagonalMatrix:
+    def uses_gram(self, num_rows: int) -> bool:
+        return True  # the diagonal blocks of R^T R cost what R S costs
+
+    def gram_statistic(self, rows: Array) -> tuple[Array, Array]:
         # Only the diagonal blocks M_ii of M = R^T R enter P(S^T M S) = blocks
         # S_i^T M_ii S_i: n d b multiply-adds instead of the n d^2 of the whole Gram.
+        # One plain product per block of columns: a batched einsum over the blocks
+        # makes XLA:CPU transpose all of R first, which costs more than the products.
         n, _ = self._split
-        nb = n * self.block_size
-        head = rows[:, :nb].reshape(rows.shape[0], n, self.block_size)
-        gram_blocks = jnp.einsum("rni,rnj->nij", head, head)
-        gram_last = rows[:, nb:].T @ rows[:, nb:]
+        b = self.block_size
+        blocks = [rows[:, i * b:(i + 1) * b] for i in range(n)]
+        gram_blocks = (jnp.stack([blk.T @ blk for blk in blocks]) if n
+                       else jnp.zeros((0, b, b), rows.dtype))
+        rest = rows[:, n * b:]
+        return gram_blocks, rest.T @ rest
+
+    def from_gram_statistic(self, statistic: tuple[Array, Array]) -> BlockDiagonalMatrix:
+        gram_blocks, gram_last = statistic
         # rmatmat's factor: S_i^T, or S_i itself for the reference's symmetric blocks
         left = self.blocks if self.symmetric_blocks else jnp.swapaxes(self.blocks, 1, 2)
         left_last = self.last if self.symmetric_blocks else self.last.T
