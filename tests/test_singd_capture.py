@@ -351,13 +351,17 @@ def test_gram_statistics_summed_over_batch_chunks_equal_the_whole_patch_matrix(c
     one_image = capture_lib.conv_patches(x[0, :1], info)
     budget = chunk_images * one_image.size * one_image.dtype.itemsize
     block = sing_jax.singd_structures.BlockDiagonalMatrix.zeros(a.shape[1], block_size=4)
-    for statistic in (lambda rows: rows.T @ rows, block.gram_statistic):
+    for statistic in (None, block.gram_statistic):  # None: the Gram matrix, its own way
         chunked = capture_lib.input_gram_statistic(cap, "expand", None, statistic,
                                                    max_chunk_bytes=budget)
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5,
                                                                   atol=1e-6),
-                     chunked, statistic(a))
+                     chunked, a.T @ a if statistic is None else statistic(a))
+    for kfac_approx in ("expand", "reduce"):  # not chunked: the Gram of input_matrix
+        a = capture_lib.input_matrix(cap, kfac_approx)
+        np.testing.assert_allclose(capture_lib.input_gram_statistic(cap, kfac_approx, None),
+                                   a.T @ a, rtol=1e-5, atol=1e-6)
     # a budget below one image still unfolds one image at a time
+    a = capture_lib.input_matrix(cap, "expand")
     np.testing.assert_allclose(capture_lib.input_gram_statistic(
-        cap, "expand", None, lambda rows: rows.T @ rows, max_chunk_bytes=1), a.T @ a,
-        rtol=1e-5, atol=1e-6)
+        cap, "expand", None, max_chunk_bytes=1), a.T @ a, rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -244,11 +245,19 @@ def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(k for k in range(1, min(n, max(bound, 1)) + 1) if n % k == 0)
 
 
+def _gram_halves(first: Array, second: Array) -> Array:
+    r""":math:`[F\,S]^\top [F\,S]` from three of its four blocks (it is symmetric)."""
+    if first.shape[1] == 0:
+        return second.T @ second
+    cross = first.T @ second
+    return jnp.block([[first.T @ first, cross], [cross.T, second.T @ second]])
+
+
 def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
-                         statistic: Callable[[Array], Any],
+                         statistic: Callable[[Array], Any] | None = None,
                          max_chunk_bytes: int | None = None) -> Any:
     r"""``statistic(A)`` for a statistic that is a sum over the rows of :math:`A`
-    (a Gram matrix, or some of its blocks), without holding all of :math:`A` at once.
+    (``None``: the Gram matrix :math:`A^\top A`), without holding all of :math:`A`.
 
     For KFAC-expand convolutions :math:`A` has one row per output position, many
     times the size of the input. With ``max_chunk_bytes`` the patches are unfolded
@@ -257,8 +266,15 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     the same, but each chunk stays in cache instead of the whole patch matrix
     going through memory (on CPU about 2x faster for a CIFAR-size CNN). ``None``
     unfolds everything at once, as :func:`input_matrix` does.
+
+    The Gram matrix itself is taken from three of its four blocks (it is symmetric)
+    of patches unfolded tap by tap, which is cheaper to gather, and put into the
+    (channel, tap) feature order at the end.
     """
     info = capture.info
+    gram_only = statistic is None
+    if gram_only:
+        statistic = _gram_halves_of_rows
     if info.kind != "conv" or kfac_approx != "expand" or max_chunk_bytes is None:
         return statistic(input_matrix(capture, kfac_approx, dtype))
     x = _conv_input(capture.inputs if dtype is None else capture.inputs.astype(dtype), info)
@@ -270,20 +286,47 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     scale = 1.0 / math.sqrt(num_rows)  # input_matrix's 1/sqrt(r), r = all rows
 
     def chunk_statistic(xc):
-        patches = _patches(xc, info)
-        rows = _with_bias_column(patches.reshape(-1, patches.shape[-1]), info)
-        return statistic(rows * jnp.asarray(scale, rows.dtype))
+        if not gram_only:
+            patches = _patches(xc, info)
+            rows = _with_bias_column(patches.reshape(-1, patches.shape[-1]), info)
+            return statistic(rows * jnp.asarray(scale, rows.dtype))
+        taps = _conv_taps(xc, info)  # tap-major columns: (tap, channel)
+        half = len(taps) // 2
+
+        def columns(group):
+            if not group:
+                return jnp.zeros((math.prod(taps[0].shape[:3]), 0), xc.dtype)
+            stacked = jnp.stack(group, axis=-2)
+            return stacked.reshape(-1, stacked.shape[-2] * stacked.shape[-1])
+
+        second = _with_bias_column(columns(taps[half:]), info)
+        return _gram_halves(columns(taps[:half]) * jnp.asarray(scale, xc.dtype),
+                            second * jnp.asarray(scale, xc.dtype))
 
     if images == batch:
-        return chunk_statistic(x)
-    chunks = x.reshape((batch // images, images) + x.shape[1:])
-    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(chunk_statistic, chunks[0]))
+        total = chunk_statistic(x)
+    else:
+        chunks = x.reshape((batch // images, images) + x.shape[1:])
+        total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(chunk_statistic, chunks[0]))
 
-    def add_chunk(acc, xc):
-        return jax.tree.map(jnp.add, acc, chunk_statistic(xc)), None
+        def add_chunk(acc, xc):
+            return jax.tree.map(jnp.add, acc, chunk_statistic(xc)), None
 
-    return jax.lax.scan(add_chunk, total, chunks)[0]
+        total = jax.lax.scan(add_chunk, total, chunks)[0]
+    if not gram_only:
+        return total
+    # tap-major (tap, channel) -> the (channel, tap) order of input_matrix's columns
+    num_taps, channels = math.prod(info.kernel_shape[:2]), x.shape[-1]
+    order = np.arange(num_taps * channels).reshape(num_taps, channels).T.reshape(-1)
+    if info.has_bias:
+        order = np.append(order, num_taps * channels)
+    return total[order][:, order]
+
+
+def _gram_halves_of_rows(rows: Array) -> Array:
+    half = rows.shape[1] // 2
+    return _gram_halves(rows[:, :half], rows[:, half:])
 
 
 def output_grad_matrix(capture: LayerCapture, kfac_approx: str = "expand",

@@ -187,6 +187,10 @@ class StructuredMatrix:
         be produced and summed in chunks (see ``capture.input_gram_statistic``)."""
         return self.gram_is_cheaper and num_rows > 2 * self.dim
 
+    # Whether gram_statistic is the whole Gram matrix R^T R (which the capture can
+    # compute in a cheaper way of its own).
+    gram_statistic_is_gram: ClassVar[bool] = True
+
     def gram_statistic(self, rows: Array) -> Any:
         r"""The part of :math:`R^\top R` that :math:`P(S^\top R^\top R S)` depends on, a
         pytree that is additive over chunks of rows (here the whole Gram matrix)."""
@@ -446,6 +450,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
                                  last=self.last @ self.last.T)
         return self._replace(blocks=jnp.einsum("nji,njk->nik", self.blocks, self.blocks),
                              last=self.last.T @ self.last)
+
+    gram_statistic_is_gram = False  # only its diagonal blocks
 
     def uses_gram(self, num_rows: int) -> bool:
         return True  # the diagonal blocks of R^T R cost what R S costs
