@@ -5,10 +5,13 @@ Models (batch 128): an MLP 784-1024-1024-10 and a small CNN (3 conv + 2 dense on
 capture, preconditioner refresh every T steps, update; buffers donated) is timed
 against ``optax.sgd(momentum=0.9)`` on the same model and against the PyTorch
 ``singd`` package (if installed) on the same architecture, in the same process.
-Times are medians over ``--repeats`` windows of ``T`` steps, after warm-up (PyTorch at
-T > 1: (refresh step + (T-1) x median skip step) / T, the refresh step being the T=1
-time, so that slow structures stay affordable). The
-memory column is the size of the preconditioner state (K, C, m_K, m_C) in bytes.
+Ours, SGD and PyTorch are timed interleaved, window by window, so that machine
+noise hits them alike: per step, the median over ``--repeats`` rounds of windows of
+at least ``--window`` steps (whole periods of ``T``), after a warm-up window each.
+PyTorch at T > 1 is (refresh step + (T-1) x median skip step) / T, the refresh step
+being its T=1 time, and its slow structures (a step over a second) get one-step
+windows, so that they stay affordable. The memory column is the size of the
+preconditioner state (K, C, m_K, m_C) in bytes.
 
     python experiments/bench_singd.py                 # everything (a few minutes)
     python experiments/bench_singd.py --quick         # CNN only, fewer structures
@@ -107,18 +110,28 @@ def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def time_windows(run_window, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_once(run_window) -> float:
+    start = time.perf_counter()
+    run_window()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(windows: dict, repeats: int) -> dict:
+    """Seconds per step of each ``(run_window, steps)``: one warm-up window each, then
+    ``repeats`` rounds that run every window once, so that machine noise hits all of
+    them alike; the median over rounds, divided by the window's steps."""
+    for run_window, _ in windows.values():
         run_window()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in windows}
+    for _ in range(repeats):
+        for name, (run_window, _) in windows.items():
+            times[name].append(time_once(run_window))
+    return {name: statistics.median(times[name]) / steps
+            for name, (_, steps) in windows.items()}
 
 
-def time_steps(step, carry, steps, repeats):
-    """Seconds per call of ``carry, loss = step(carry)``: the median over windows of
-    ``steps`` calls, after one warm-up window. Returns it with the last carry."""
+def jax_window(step, carry, steps):
+    """A window of ``steps`` calls of ``carry, loss = step(carry)``."""
     box = [carry]
 
     def window():
@@ -126,11 +139,12 @@ def time_steps(step, carry, steps, repeats):
             box[0], loss = step(box[0])
         loss.block_until_ready()
 
-    window()  # compile + warm-up
-    return time_windows(window, repeats) / steps, box[0]
+    return window
 
 
-def bench_ours(name, structure, T, repeats):
+def ours_window(name, structure, T, steps):
+    """Our SINGD train step on ``name``: a window of ``steps`` steps, and the bytes of
+    the preconditioner state."""
     model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = sing_jax.singd(1e-2, T=T, structures=(structure, structure))
@@ -150,12 +164,12 @@ def bench_ours(name, structure, T, repeats):
         params, state, loss = step(carry[0], rest, carry[1], x, y)
         return (params, state), loss
 
-    seconds, (_, state) = time_steps(advance, (params, state), T, repeats)
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state.layers))
-    return seconds, nbytes
+    return jax_window(advance, (params, state), steps), nbytes
 
 
-def bench_sgd(name, repeats, steps=10):
+def sgd_window(name, steps):
+    """``optax.sgd(momentum=0.9)`` on the same model: a window of ``steps`` steps."""
     model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(1e-2, momentum=0.9)
@@ -174,17 +188,16 @@ def bench_sgd(name, repeats, steps=10):
         params, state, loss = step(*carry, x, y)
         return (params, state), loss
 
-    return time_steps(advance, (params, state), steps, repeats)[0]
+    return jax_window(advance, (params, state), steps)
 
 
-def bench_torch(name, structure, T, repeats, refresh_seconds=None):
-    """PyTorch step time; for T > 1 the mean over a period of T steps, from the time of a
-    refresh step (the T=1 measurement, passed in) and the median of skip steps."""
+def torch_step(name, structure, T):
+    """One PyTorch ``singd`` step on the same architecture, or None without torch."""
     try:
         import torch
         from singd.optim.optimizer import SINGD
     except ImportError:
-        return float("nan")
+        return None
     torch.manual_seed(0)
     model = torch_model(name)
     with warnings.catch_warnings():
@@ -196,19 +209,20 @@ def bench_torch(name, structure, T, repeats, refresh_seconds=None):
 
     def one_step():
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # singd's "naive implementation" notices
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
 
-    if T == 1 or refresh_seconds is None:
-        def window():
-            for _ in range(T):
-                one_step()
+    return one_step
 
-        window()
-        return time_windows(window, repeats) / T
-    one_step()  # step 0 refreshes; the next T-1 steps do not
-    skip = time_windows(one_step, min(repeats + 1, T - 1))
-    return (refresh_seconds + (T - 1) * skip) / T
+
+def torch_window(one_step, steps):
+    def window():
+        for _ in range(steps):
+            one_step()
+
+    return window
 
 
 def copy_bandwidth() -> float:
@@ -225,7 +239,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES))
     parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--window", type=int, default=5,
+                        help="steps per timed window (rounded up to whole periods of T)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="CNN only; dense, diagonal, tril_toeplitz")
@@ -248,16 +264,30 @@ def main():
     print("-" * len(header))
     worst_t1, diag_t10 = float("nan"), float("nan")  # nan: not measured in this run
     for name in args.models:
-        sgd = bench_sgd(name, args.repeats)
         model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
         param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
         for structure in args.structures:
-            refresh = None
+            torch_refresh = None  # PyTorch's T=1 step: the refresh step of T > 1
             for T in sorted(args.T):
-                ours, nbytes = bench_ours(name, structure, T, args.repeats)
-                ref = float("nan") if args.no_torch else bench_torch(
-                    name, structure, T, args.repeats, refresh)
-                refresh = ref if T == 1 else refresh
+                steps = T * max(1, -(-args.window // T))  # whole periods, >= --window
+                ours, nbytes = ours_window(name, structure, T, steps)
+                windows = {"ours": (ours, steps), "sgd": (sgd_window(name, steps), steps)}
+                torch_one = None if args.no_torch else torch_step(name, structure, T)
+                if torch_one is not None and T == 1:
+                    # slow reference structures (PyTorch's naive Toeplitz): one step a window
+                    torch_steps = 1 if time_once(torch_one) > 1.0 else steps
+                    windows["torch"] = (torch_window(torch_one, torch_steps), torch_steps)
+                elif torch_one is not None:
+                    # (refresh step + (T-1) skip steps) / T, skip steps timed here
+                    torch_one()  # step 0 refreshes; the next T - 1 do not
+                    windows["torch skip"] = (torch_window(torch_one, 1), 1)
+                times = interleaved_medians(windows, args.repeats)
+                ref = times.get("torch", float("nan"))
+                if "torch skip" in times:
+                    ref = (torch_refresh + (T - 1) * times["torch skip"]) / T if (
+                        torch_refresh is not None) else float("nan")
+                torch_refresh = ref if T == 1 else torch_refresh
+                ours, sgd = times["ours"], times["sgd"]
                 # the update reads params, grads, momentum, the factors and writes
                 # params, momentum (and the factors every T steps)
                 floor = (5 * param_bytes + nbytes * (1 + 2 / T)) / bandwidth

@@ -26,3 +26,20 @@ def test_bench_optimizers_times_ours_and_the_baseline_side_by_side():
     ms = bench_optimizers.interleaved_medians(runs, repeats=2)
     assert set(ms) == set(runs) and all(v > 0 for v in ms.values())
     assert len(bench_optimizers.optimizer_pairs()) == 5
+
+
+def test_bench_singd_times_ours_sgd_and_pytorch_interleaved():
+    from experiments import bench_singd
+
+    calls = []
+    windows = {"ours": bench_singd.ours_window("mlp", "diagonal", 1, steps=1)[0],
+               "sgd": bench_singd.sgd_window("mlp", steps=1)}
+    windows = {name: (lambda w=w, name=name: (calls.append(name), w())[1], 1)
+               for name, w in windows.items()}
+    torch_one = bench_singd.torch_step("mlp", "diagonal", T=1)
+    if torch_one is not None:
+        windows["torch"] = (bench_singd.torch_window(torch_one, 1), 1)
+    seconds = bench_singd.interleaved_medians(windows, repeats=2)
+    assert set(seconds) == set(windows) and all(v > 0 for v in seconds.values())
+    # one warm-up window each, then rounds that alternate between them
+    assert calls == ["ours", "sgd"] * 3
