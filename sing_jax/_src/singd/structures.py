@@ -369,7 +369,6 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     name = "block_diagonal"
     _array_fields = ("blocks", "last")
-    gram_is_cheaper = True  # one big GEMM beats batched small products on CPU
     _static_fields = ("dim", "block_size", "symmetric_blocks")
 
     def __init__(self, blocks: Array, last: Array, block_size: int = 30,
