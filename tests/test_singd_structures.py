@@ -98,7 +98,8 @@ def f64(x):
 def all_operations(a, b, x, sym):
     return dict(
         project=a.project(sym).to_dense(), matmul=a.matmul(b).to_dense(), matmat=a @ x,
-        rmatmat=a.rmatmat(x), from_inner_x=a.from_inner(x).to_dense(),
+        rmatmat=a.rmatmat(x), outer_matmat=a.outer_matmat(x),
+        from_inner_x=a.from_inner(x).to_dense(),
         from_inner=a.from_inner().to_dense(), project_outer=a.project_outer(x).to_dense(),
         average_trace=a.average_trace(), add_diagonal=a.add_diagonal(0.5).to_dense(),
         add_scaled=(a + b * 2.0).to_dense(), sub=(a - b).to_dense(), max_abs=a.max_abs(),
@@ -123,6 +124,7 @@ def test_operations_match_dense(name, opts, dtype):
         assert_close(got["matmul"], ad @ bd, dtype)
         assert_close(got["matmat"], ad @ xd, dtype)
         assert_close(got["rmatmat"], ad.T @ xd, dtype)
+        assert_close(got["outer_matmat"], ad @ ad.T @ xd, dtype)
         assert_close(got["from_inner_x"], project_dense(name, opts, ad.T @ xd @ xd.T @ ad), dtype)
         assert_close(got["from_inner"], project_dense(name, opts, ad.T @ ad), dtype)
         assert_close(got["project_outer"], project_dense(name, opts, xd @ xd.T), dtype)
@@ -162,9 +164,27 @@ def test_block_diagonal_with_one_block_is_dense_for_non_symmetric_matrices():
                                rtol=1e-6)
     np.testing.assert_allclose(block.from_inner(x).to_dense(), dense.from_inner(x).to_dense(),
                                rtol=1e-5)
+    np.testing.assert_allclose(block.outer_matmat(x), dense.outer_matmat(x), rtol=1e-5)
     # the reference's symmetric-block assumption is wrong for such K
     ref_like = S.BlockDiagonalMatrix.from_dense(k, block_size=8, symmetric_blocks=True)
     assert np.max(np.abs(ref_like.rmatmat(x) - dense.rmatmat(x))) > 1e-2
+    np.testing.assert_allclose(ref_like.outer_matmat(x), ref_like.matmat(ref_like.rmatmat(x)),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric_blocks", [False, True])
+def test_block_diagonal_products_are_the_same_on_every_backend_path(symmetric_blocks,
+                                                                     monkeypatch):
+    # CPU: one product per block; other backends: one batched product
+    rng = np.random.default_rng(2)
+    block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
+                                             block_size=3, symmetric_blocks=symmetric_blocks)
+    x = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+    on_cpu = [block.matmat(x), block.rmatmat(x), block.outer_matmat(x)]
+    monkeypatch.setattr(S.jax, "default_backend", lambda: "gpu")
+    batched = [block.matmat(x), block.rmatmat(x), block.outer_matmat(x)]
+    for a, b in zip(on_cpu, batched, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_structures_are_pytrees_that_jit():

@@ -372,8 +372,8 @@ def natural_gradient(layer: LayerPreconditioner, kernel_grad: Array,
     x = _kernel_matrix(kernel_grad, cfg.kind)  # (d_i, d_o) = W-grad transposed
     if cfg.has_bias:
         x = jnp.concatenate([x, bias_grad[None, :].astype(x.dtype)], axis=0)
-    y = layer.k.matmat(layer.k.rmatmat(x.astype(cfg.dtype_k)))  # K K^T Ghat^T
-    z = layer.c.matmat(layer.c.rmatmat(y.T.astype(cfg.dtype_c))).T  # (C C^T Ghat K K^T)^T
+    y = layer.k.outer_matmat(x.astype(cfg.dtype_k))  # K K^T Ghat^T
+    z = layer.c.outer_matmat(y.T.astype(cfg.dtype_c)).T  # (C C^T Ghat K K^T)^T
     k_nat = _kernel_from_matrix(z[: cfg.dim_k - int(cfg.has_bias)], cfg.kernel_shape, cfg.kind)
     b_nat = z[-1] if cfg.has_bias else None
     return k_nat.astype(kernel_grad.dtype), (
