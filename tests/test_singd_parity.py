@@ -197,8 +197,9 @@ def test_block_diagonal_equals_dense_when_one_block_covers_and_reference_drifts(
     drift = 0.0
     for snap_b, snap_d in zip(ours_block, ours_dense, strict=True):
         for (name, ours_b, ref_b), (_, ours_d, ref_d) in zip(snap_b, snap_d, strict=True):
-            # ours: block-diagonal with one block is dense
-            np.testing.assert_allclose(ours_b, ours_d, rtol=1e-5, atol=1e-7, err_msg=name)
+            # ours: block-diagonal with one block is dense (to float32 rounding: it
+            # applies K K^T as one product, dense as two)
+            np.testing.assert_allclose(ours_b, ours_d, rtol=1e-5, atol=1e-6, err_msg=name)
             if name.endswith(".K"):
                 drift = max(drift, float(np.max(np.abs(ref_b - ref_d))))
     # the reference's block-diagonal (every dim in its remainder block) drifts from its own
