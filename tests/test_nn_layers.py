@@ -298,11 +298,19 @@ def test_rrelu_train_and_eval():
     ((2, 9, 9, 2), (3, 3), (2, 2), "VALID"),    # overlapping: nnx.max_pool itself
     ((2, 8, 8, 2), (2, 2), None, "SAME"),
 ])
-def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides, padding):
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides, padding,
+                                                              ties):
     x = jax.random.normal(jax.random.key(0), shape)
+    if ties:  # rounded: many windows hold their maximum twice
+        x = jnp.round(x)
     ours = lambda x: snn.max_pool(x, window, strides, padding)  # noqa: E731
     flax_pool = lambda x: nnx.max_pool(x, window, strides=strides or window,  # noqa: E731
                                        padding=padding)
     np.testing.assert_array_equal(ours(x), flax_pool(x))
-    grad = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)  # noqa: E731
+    weights = jnp.arange(flax_pool(x).size).reshape(flax_pool(x).shape)
+    grad = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * weights))(x)  # noqa: E731
     np.testing.assert_array_equal(grad(ours), grad(flax_pool))
+    tangent = jax.random.normal(jax.random.key(1), shape)
+    np.testing.assert_array_equal(jax.jvp(ours, (x,), (tangent,))[1],
+                                  jax.jvp(flax_pool, (x,), (tangent,))[1])
