@@ -37,9 +37,11 @@ import time
 import warnings
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-if (YNN_FLAG not in os.environ.get("XLA_FLAGS", "")
+if (__name__ == "__main__" and YNN_FLAG not in os.environ.get("XLA_FLAGS", "")
         and importlib.metadata.version("jaxlib").startswith("0.10.")):
     # Must be set before jax is imported; an unknown flag would abort other jaxlibs.
+    # Only when run as a script: importing the helpers (tests) changes no environment,
+    # which subprocesses would inherit.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=reduce".strip()
 
 import jax  # noqa: E402
