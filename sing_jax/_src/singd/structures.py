@@ -441,10 +441,16 @@ class BlockDiagonalMatrix(StructuredMatrix):
     def rmatmat(self, mat: Array) -> Array:
         return self._blockwise(self.blocks, self.last, mat, transpose=not self.symmetric_blocks)
 
+    def _transposed_blocks(self) -> tuple[Array, Array]:
+        """The blocks of :math:`S^\top` as ``rmatmat`` uses them: ``B_i^T``, or ``B_i``
+        itself under the reference's symmetric-block assumption."""
+        if self.symmetric_blocks:
+            return self.blocks, self.last
+        return jnp.swapaxes(self.blocks, 1, 2), self.last.T
+
     def outer_matmat(self, mat: Array) -> Array:
         # S S^T is block-diagonal too: form its small blocks, then read Y once.
-        left = self.blocks if self.symmetric_blocks else jnp.swapaxes(self.blocks, 1, 2)
-        left_last = self.last if self.symmetric_blocks else self.last.T
+        left, left_last = self._transposed_blocks()
         return self._blockwise(jnp.einsum("nij,njk->nik", self.blocks, left),
                                self.last @ left_last, mat, transpose=False)
 
@@ -489,9 +495,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def from_gram_statistic(self, statistic: tuple[Array, Array]) -> BlockDiagonalMatrix:
         gram_blocks, gram_last = statistic
-        # rmatmat's factor: S_i^T, or S_i itself for the reference's symmetric blocks
-        left = self.blocks if self.symmetric_blocks else jnp.swapaxes(self.blocks, 1, 2)
-        left_last = self.last if self.symmetric_blocks else self.last.T
+        left, left_last = self._transposed_blocks()
         return self._replace(
             blocks=jnp.einsum("nij,njk,nlk->nil", left, gram_blocks, left),
             last=left_last @ gram_last @ left_last.T)
