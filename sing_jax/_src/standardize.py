@@ -138,16 +138,18 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
         norms_sq = [s if m is None else s - geo.group_size * jnp.sum(m * m)
                     for s, m, geo in zip(square_sums, means, geometries)]
 
-        def exact_where_cancelled():
-            return [n if m is None else
-                    jnp.where(n > 1e-2 * s, n, jnp.sum(jnp.square(w - m)))
-                    for n, s, w, m in zip(norms_sq, square_sums, wides, means)]
+        # whether the identity kept its accuracy, per centred leaf (None: not centred)
+        accurate = [None if m is None else n > 1e-2 * s
+                    for n, s, m in zip(norms_sq, square_sums, means)]
 
-        accurate = [n > 1e-2 * s for n, s, m in zip(norms_sq, square_sums, means)
-                    if m is not None]
-        if accurate:
+        def exact_where_cancelled():
+            return [n if ok is None else jnp.where(ok, n, jnp.sum(jnp.square(w - m)))
+                    for n, ok, w, m in zip(norms_sq, accurate, wides, means)]
+
+        checks = [ok for ok in accurate if ok is not None]
+        if checks:
             # One conditional for the whole tree: one per leaf cost more than the sums.
-            norms_sq = jax.lax.cond(jnp.all(jnp.stack(accurate)), lambda: norms_sq,
+            norms_sq = jax.lax.cond(jnp.all(jnp.stack(checks)), lambda: norms_sq,
                                     exact_where_cancelled)
         out = [((w if m is None else w - m) / (jnp.sqrt(n) + eps)).astype(g.dtype)
                for w, m, n, g in zip(wides, means, norms_sq, leaves)]
