@@ -218,12 +218,14 @@ def _patches(x: Array, info: LayerInfo) -> Array:
     return patches.reshape(patches.shape[:3] + (-1,))
 
 
+def _in_dtype(x: Array, dtype: Any) -> Array:
+    return x if dtype is None else x.astype(dtype)
+
+
 def input_matrix(capture: LayerCapture, kfac_approx: str = "expand",
                  dtype: Any = None) -> Array:
     r"""The matrix :math:`A` (rows x :math:`d_K`) of a layer, scaled by :math:`1/\sqrt{r}`."""
-    info, x = capture.info, capture.inputs
-    if dtype is not None:
-        x = x.astype(dtype)
+    info, x = capture.info, _in_dtype(capture.inputs, dtype)
     if info.kind == "conv":
         x = conv_patches(x, info)  # (B, O1, O2, d_i)
     d_in = x.shape[-1]
@@ -277,7 +279,7 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
         statistic = _gram_halves_of_rows
     if info.kind != "conv" or kfac_approx != "expand" or max_chunk_bytes is None:
         return statistic(input_matrix(capture, kfac_approx, dtype))
-    x = _conv_input(capture.inputs if dtype is None else capture.inputs.astype(dtype), info)
+    x = _conv_input(_in_dtype(capture.inputs, dtype), info)
     batch = x.shape[0]
     one_image = jax.eval_shape(lambda: _patches(x[:1], info))
     num_rows = batch * math.prod(one_image.shape[1:3])
@@ -332,9 +334,7 @@ def _gram_halves_of_rows(rows: Array) -> Array:
 def output_grad_matrix(capture: LayerCapture, kfac_approx: str = "expand",
                        loss_average: str | None = "batch", dtype: Any = None) -> Array:
     r"""The matrix :math:`G` (rows x :math:`d_C`) of a layer, scaled by :math:`\sqrt{c}`."""
-    info, g = capture.info, capture.output_grads
-    if dtype is not None:
-        g = g.astype(dtype)
+    info, g = capture.info, _in_dtype(capture.output_grads, dtype)
     if info.kind == "conv":
         g = g.reshape((-1,) + g.shape[-3:])
     batch = g.shape[0]
@@ -357,7 +357,7 @@ def input_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
     if info.kind != "conv" or kfac_approx != "expand":
         a = input_matrix(capture, kfac_approx, dtype)
         return jnp.sum(a * a, axis=0)
-    x = _conv_input(capture.inputs if dtype is None else capture.inputs.astype(dtype), info)
+    x = _conv_input(_in_dtype(capture.inputs, dtype), info)
     # Every patch entry is one input entry, so the sums over patches are sums of the
     # batch-summed squared input over each tap's strided window.
     taps = _conv_taps(jnp.sum(x * x, axis=0, keepdims=True), info)
