@@ -365,3 +365,27 @@ def test_gram_statistics_summed_over_batch_chunks_equal_the_whole_patch_matrix(c
     a = capture_lib.input_matrix(cap, "expand")
     np.testing.assert_allclose(capture_lib.input_gram_statistic(
         cap, "expand", None, max_chunk_bytes=1), a.T @ a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, padding, dilation, bias, hw", [
+    ((3, 3), "SAME", (1, 1), True, (6, 5)),
+    ((2, 3), "VALID", (1, 1), False, (5, 6)),
+    ((1, 3), "SAME", (1, 2), True, (4, 7)),
+    ((3, 1), ((0, 2), (1, 1)), (2, 1), False, (7, 3)),
+    ((5, 5), "SAME", (1, 1), True, (3, 4)),  # input smaller than the kernel
+    ((2, 2), ((3, 0), (0, 4)), (1, 1), True, (4, 4)),  # padding wider than the kernel
+    ((1, 1), "VALID", (1, 1), True, (3, 3)),
+])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_stride_one_conv_gram_by_offsets_equals_the_gram_of_the_patches(
+        kernel, padding, dilation, bias, hw, chunk_bytes):
+    """The Gram assembled from shifted-input products equals A^T A of the unfolded
+    patches, for every tap rectangle: asymmetric kernels and padding, dilation, empty
+    taps, with and without bias, in one chunk or one image per chunk."""
+    info = capture_lib.LayerInfo("conv", "conv", bias, kernel + (3, 2), (1, 1), padding,
+                                 dilation)
+    x = jax.random.normal(jax.random.key(8), (4,) + hw + (3,))
+    a = capture_lib.input_matrix(capture_lib.LayerCapture(x, None, info), "expand")
+    got = capture_lib.conv_gram_by_offsets(x, info, chunk_bytes)
+    assert got.shape == (a.shape[1],) * 2
+    np.testing.assert_allclose(got, a.T @ a, rtol=1e-5, atol=1e-6)

@@ -255,6 +255,26 @@ def _gram_halves(first: Array, second: Array) -> Array:
     return jnp.block([[first.T @ first, cross], [cross.T, second.T @ second]])
 
 
+def _sum_over_batch_chunks(chunk_sum: Callable[[Array], Any], x: Array,
+                           per_image_bytes: int, max_chunk_bytes: int | None) -> Any:
+    """``chunk_sum(x)`` for a ``chunk_sum`` additive over the batch (first) axis, summed
+    over a ``lax.scan`` of batch chunks of at most ``max_chunk_bytes`` of work each
+    (``None``: one chunk)."""
+    batch = x.shape[0]
+    images = batch if max_chunk_bytes is None else _largest_divisor_at_most(
+        batch, max_chunk_bytes // max(per_image_bytes, 1))
+    if images == batch:
+        return chunk_sum(x)
+    chunks = x.reshape((batch // images, images) + x.shape[1:])
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(chunk_sum, chunks[0]))
+
+    def add_chunk(acc, xc):
+        return jax.tree.map(jnp.add, acc, chunk_sum(xc)), None
+
+    return jax.lax.scan(add_chunk, total, chunks)[0]
+
+
 def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
                          statistic: Callable[[Array], Any] | None = None,
                          max_chunk_bytes: int | None = None) -> Any:
@@ -269,22 +289,25 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     going through memory (on CPU about 2x faster for a CIFAR-size CNN). ``None``
     unfolds everything at once, as :func:`input_matrix` does.
 
-    The Gram matrix itself is taken from three of its four blocks (it is symmetric)
-    of patches unfolded tap by tap, which is cheaper to gather, and put into the
-    (channel, tap) feature order at the end.
+    The Gram matrix of a stride-1 convolution is not unfolded at all: see
+    :func:`conv_gram_by_offsets`. For other strides it is taken from three of its
+    four blocks (it is symmetric) of patches unfolded tap by tap, which is cheaper to
+    gather, and put into the (channel, tap) feature order at the end.
     """
     info = capture.info
     gram_only = statistic is None
     if gram_only:
         statistic = _gram_halves_of_rows
-    if info.kind != "conv" or kfac_approx != "expand" or max_chunk_bytes is None:
+    if info.kind != "conv" or kfac_approx != "expand":
         return statistic(input_matrix(capture, kfac_approx, dtype))
     x = _conv_input(_in_dtype(capture.inputs, dtype), info)
-    batch = x.shape[0]
+    if gram_only and all(s == 1 for s in info.strides):
+        return conv_gram_by_offsets(x, info, max_chunk_bytes)
+    if max_chunk_bytes is None:
+        return statistic(input_matrix(capture, kfac_approx, dtype))
     one_image = jax.eval_shape(lambda: _patches(x[:1], info))
-    num_rows = batch * math.prod(one_image.shape[1:3])
+    num_rows = x.shape[0] * math.prod(one_image.shape[1:3])
     per_image_bytes = math.prod(one_image.shape) * one_image.dtype.itemsize
-    images = _largest_divisor_at_most(batch, max_chunk_bytes // per_image_bytes)
     scale = 1.0 / math.sqrt(num_rows)  # input_matrix's 1/sqrt(r), r = all rows
 
     def chunk_statistic(xc):
@@ -305,17 +328,7 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
         return _gram_halves(columns(taps[:half]) * jnp.asarray(scale, xc.dtype),
                             second * jnp.asarray(scale, xc.dtype))
 
-    if images == batch:
-        total = chunk_statistic(x)
-    else:
-        chunks = x.reshape((batch // images, images) + x.shape[1:])
-        total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(chunk_statistic, chunks[0]))
-
-        def add_chunk(acc, xc):
-            return jax.tree.map(jnp.add, acc, chunk_statistic(xc)), None
-
-        total = jax.lax.scan(add_chunk, total, chunks)[0]
+    total = _sum_over_batch_chunks(chunk_statistic, x, per_image_bytes, max_chunk_bytes)
     if not gram_only:
         return total
     # tap-major (tap, channel) -> the (channel, tap) order of input_matrix's columns
@@ -324,6 +337,126 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     if info.has_bias:
         order = np.append(order, num_taps * channels)
     return total[order][:, order]
+
+
+@dataclasses.dataclass(frozen=True)
+class _OffsetGramPlan:
+    """Static bookkeeping of :func:`conv_gram_by_offsets` for one input size."""
+
+    offsets: tuple[tuple[int, int], ...]  # (dy, dx) in input pixels, upper half-plane
+    cells: tuple[tuple[int, int, int, int], ...]  # (y0, y1, x0, x1) partition of the input
+    tap_cells: np.ndarray  # (taps, cells) 0/1: cell inside the positions the tap reads
+    block_tap: np.ndarray  # (taps, taps): whose rectangle gives block (t, u)
+    block_offset: np.ndarray  # (taps, taps): index into offsets
+    block_transposed: np.ndarray  # (taps, taps): block (t, u) is block (u, t) transposed
+    num_rows: int
+
+
+def _offset_gram_plan(info: LayerInfo, in_hw: tuple[int, int]) -> _OffsetGramPlan:
+    kh, kw = info.kernel_shape[:2]
+    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, in_hw)
+    dh, dw = info.dilation
+    height, width = in_hw
+    out_h = height + plo_h + phi_h - (kh - 1) * dh
+    out_w = width + plo_w + phi_w - (kw - 1) * dw
+
+    def read_range(tap, dilation, pad_lo, out, size):  # unpadded positions a tap reads
+        lo, hi = tap * dilation - pad_lo, tap * dilation - pad_lo + out
+        return min(max(lo, 0), size), min(max(hi, 0), size)
+
+    rows_read = [read_range(i, dh, plo_h, out_h, height) for i in range(kh)]
+    cols_read = [read_range(j, dw, plo_w, out_w, width) for j in range(kw)]
+
+    def segments(ranges, size):
+        ends = sorted({0, size} | {e for r in ranges for e in r})
+        return list(zip(ends[:-1], ends[1:]))
+
+    cells = tuple((y0, y1, x0, x1) for y0, y1 in segments(rows_read, height)
+                  for x0, x1 in segments(cols_read, width))
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    tap_cells = np.array([[rows_read[i][0] <= y0 and y1 <= rows_read[i][1]
+                           and cols_read[j][0] <= x0 and x1 <= cols_read[j][1]
+                           for y0, y1, x0, x1 in cells] for i, j in taps])
+    offsets = tuple((a, b) for a in range(kh) for b in range(1 - kw, kw) if a > 0 or b >= 0)
+    index = {o: n for n, o in enumerate(offsets)}
+    shape = (len(taps), len(taps))
+    block_tap, block_offset = np.zeros(shape, int), np.zeros(shape, int)
+    block_transposed = np.zeros(shape, bool)
+    for t, (row_t, col_t) in enumerate(taps):
+        for u, (row_u, col_u) in enumerate(taps):
+            offset = (row_u - row_t, col_u - col_t)
+            if u >= t:  # tap-major order puts o_u - o_t in the upper half-plane
+                block_tap[t, u], block_offset[t, u] = t, index[offset]
+            else:
+                block_tap[t, u], block_offset[t, u] = u, index[(-offset[0], -offset[1])]
+                block_transposed[t, u] = True
+    return _OffsetGramPlan(offsets, cells, tap_cells, block_tap, block_offset,
+                           block_transposed, out_h * out_w)
+
+
+def conv_gram_by_offsets(x: Array, info: LayerInfo,
+                         max_chunk_bytes: int | None = None) -> Array:
+    r"""The Gram matrix :math:`A^\top A` of a stride-1 KFAC-expand convolution
+    (``x`` in :func:`_conv_input`'s form), without unfolding patches.
+
+    With tap offsets :math:`o_t` and zero padding, the block of taps :math:`t, u` is
+
+    .. math::
+
+       (A^\top A)_{tu} = \frac{1}{r} \sum_{q \in R_t} x_q\, x_{q + o_u - o_t}^\top,
+
+    a sum over the rectangle :math:`R_t` of input positions that tap :math:`t` reads.
+    It depends on the taps only through :math:`R_t` and the offset
+    :math:`\delta = o_u - o_t`, and :math:`(A^\top A)_{ut} = (A^\top A)_{tu}^\top`.
+    So, for a partition of the input into cells on which every :math:`R_t` is a union
+    of cells, one product per cell gives :math:`\sum_{q \in \text{cell}} [x_q\,|\,1]
+    [x_{q+\delta}]_\delta^\top` for all :math:`\approx 2 k_H k_W` offsets of one
+    half-plane at once, and the blocks are sums of cells. That is
+    :math:`2 k_H k_W C^2` multiply-adds per position instead of the
+    :math:`(k_H k_W C)^2` of the unfolded Gram (4.5x fewer for 3x3; the ones column
+    gives the bias row). Chunks of the batch of at most ``max_chunk_bytes`` of
+    shifted input are summed in a ``lax.scan`` (``None``: one chunk).
+    """
+    batch, height, width, channels = x.shape
+    kh, kw = info.kernel_shape[:2]
+    dh, dw = info.dilation
+    plan = _offset_gram_plan(info, (height, width))
+    scale = 1.0 / math.sqrt(batch * plan.num_rows)  # input_matrix's 1/sqrt(r)
+    num_offsets = len(plan.offsets)
+
+    def chunk_sum(xc):
+        xc = xc * jnp.asarray(scale, xc.dtype)
+        # zeros past the input: every shifted position is a slice of this
+        padded = jnp.pad(xc, ((0, 0), (0, (kh - 1) * dh), ((kw - 1) * dw,) * 2, (0, 0)))
+        shifted = jnp.concatenate(
+            [padded[:, a * dh:a * dh + height, (kw - 1 + b) * dw:(kw - 1 + b) * dw + width]
+             for a, b in plan.offsets], axis=-1)
+        left = xc
+        if info.has_bias:
+            left = jnp.concatenate(
+                [xc, jnp.full(xc.shape[:3] + (1,), scale, xc.dtype)], axis=-1)
+        return jnp.stack([
+            left[:, y0:y1, x0:x1].reshape(-1, left.shape[-1]).T
+            @ shifted[:, y0:y1, x0:x1].reshape(-1, num_offsets * channels)
+            for y0, y1, x0, x1 in plan.cells])
+
+    per_image_bytes = height * width * num_offsets * channels * x.dtype.itemsize
+    cells = _sum_over_batch_chunks(chunk_sum, x, per_image_bytes, max_chunk_bytes)
+    rects = jnp.einsum("tk,kf->tf", jnp.asarray(plan.tap_cells, x.dtype),
+                       cells.reshape(cells.shape[0], -1))
+    rects = rects.reshape(len(plan.tap_cells), -1, num_offsets, channels)
+    blocks = rects[plan.block_tap, :channels, plan.block_offset, :]  # (t, u, C, C)
+    blocks = jnp.where(plan.block_transposed[:, :, None, None],
+                       jnp.swapaxes(blocks, -1, -2), blocks)
+    num_taps = len(plan.tap_cells)
+    # (t, u, c, c') -> the (channel, tap) order of input_matrix's columns
+    gram = blocks.transpose(2, 0, 3, 1).reshape(channels * num_taps, channels * num_taps)
+    if not info.has_bias:
+        return gram
+    zero = plan.offsets.index((0, 0))
+    bias = rects[:, channels, zero, :].T.reshape(-1)  # sum of each patch column / r
+    corner = jnp.full((1, 1), batch * plan.num_rows * scale * scale, x.dtype)
+    return jnp.block([[gram, bias[:, None]], [bias[None, :], corner]])
 
 
 def _gram_halves_of_rows(rows: Array) -> Array:
