@@ -217,7 +217,8 @@ def test_from_inner_gram_and_rows_equal_from_inner(num_rows):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(9, num_rows)), jnp.float32)
     cases = [(name, {}) for name in S.STRUCTURE_CLASSES] + [
-        ("block_diagonal", {"block_size": 4}),
+        ("block_diagonal", {"block_size": 4}),  # its statistic block by block
+        ("block_diagonal", {"block_size": 6}),  # from the whole Gram (few blocks)
         ("block_diagonal", {"block_size": 4, "symmetric_blocks": True})]
     for name, options in cases:
         cls = S.structure(name).cls
@@ -227,3 +228,7 @@ def test_from_inner_gram_and_rows_equal_from_inner(num_rows):
                                    rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")
         np.testing.assert_allclose(a.from_inner_rows(x.T).to_dense(), want,
                                    rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")
+        # the statistic as the capture takes it from a whole Gram matrix
+        from_whole = a.from_gram_statistic(a.gram_statistic_of_gram(x @ x.T))
+        np.testing.assert_allclose(from_whole.to_dense(), want, rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{name} {options}")

@@ -23,8 +23,8 @@ S = sing_jax.singd_structures
 class Net(nnx.Module):
     """Conv + LayerNorm + Linear: two registered layers and two `other` params."""
 
-    def __init__(self, rngs, dtype=jnp.float32):
-        self.conv = nnx.Conv(2, 3, (3, 3), strides=2, param_dtype=dtype, dtype=dtype,
+    def __init__(self, rngs, dtype=jnp.float32, strides=2):
+        self.conv = nnx.Conv(2, 3, (3, 3), strides=strides, param_dtype=dtype, dtype=dtype,
                              rngs=rngs)
         self.norm = nnx.LayerNorm(3, param_dtype=dtype, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(3, 2, param_dtype=dtype, dtype=dtype, rngs=rngs)
@@ -43,10 +43,10 @@ def batch(key=0, n=8, dtype=jnp.float32):
     return (jax.random.normal(kx, (n, 6, 6, 2), dtype), jax.random.normal(ky, (n, 2), dtype))
 
 
-def raw_captures():
+def raw_captures(strides=2):
     """Params, gradients and raw per-layer captures of ``Net`` on one batch."""
     x, y = batch()
-    model = Net(nnx.Rngs(0))
+    model = Net(nnx.Rngs(0), strides=strides)
     params = nnx.state(model, nnx.Param)
     (_, grads), caps = sing_jax.singd_value_and_grad(loss_fn, model, x, y)
     return params, grads, caps
@@ -340,8 +340,10 @@ def test_gradient_accumulation_equals_one_big_batch(kfac_like):
 
 @pytest.mark.parametrize("structure", ["dense", "block_diagonal", "hierarchical",
                                        "tril_toeplitz"])
-def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure, monkeypatch):
-    params, _, caps = raw_captures()
+@pytest.mark.parametrize("strides", [1, 2])  # Gram by offsets; by unfolded patches
+def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure, strides,
+                                                                      monkeypatch):
+    params, _, caps = raw_captures(strides)
     structure_of = sing_jax.singd_structures.structure
     spec = {"block_diagonal": structure_of("block_diagonal", block_size=4),
             "hierarchical": structure_of("hierarchical", k1=3, k2=5)}
@@ -354,6 +356,14 @@ def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure,
     for path, curv in curvatures[1].items():
         np.testing.assert_allclose(curv.h_k.to_dense(), curvatures[None][path].h_k.to_dense(),
                                    rtol=1e-5, atol=1e-7)
+    # and both equal the factor of the whole unfolded input matrix, whichever way the
+    # statistic was taken (whole Gram by offsets, or block by block)
+    for layer in transform_lib._find_singd_state(state).layers:
+        path = layer.config.path
+        rows = capture_lib.input_matrix(caps[path], layer.config.kfac_approx)
+        np.testing.assert_allclose(curvatures[None][path].h_k.to_dense(),
+                                   layer.k.from_inner_rows(rows).to_dense(),
+                                   rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 # --- data parallelism ------------------------------------------------------------------------

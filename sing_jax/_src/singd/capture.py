@@ -339,6 +339,20 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     return total[order][:, order]
 
 
+def gram_cost_per_row(info: LayerInfo, kfac_approx: str) -> float:
+    r"""Multiply-adds per row of :math:`A` that :func:`input_gram_statistic` spends on
+    the whole Gram matrix :math:`A^\top A`."""
+    kh, kw = info.kernel_shape[:2] if info.kind == "conv" else (1, 1)
+    dim = kh * kw * info.kernel_shape[-2] + int(info.has_bias)
+    if info.kind != "conv" or kfac_approx != "expand":
+        return float(dim * dim)
+    if all(s == 1 for s in info.strides):  # conv_gram_by_offsets
+        num_offsets = kh * (2 * kw - 1) - (kw - 1)
+        channels = info.kernel_shape[2]
+        return float(num_offsets * channels * (channels + int(info.has_bias)))
+    return 0.75 * dim * dim  # three of the four blocks
+
+
 @dataclasses.dataclass(frozen=True)
 class _OffsetGramPlan:
     """Static bookkeeping of :func:`conv_gram_by_offsets` for one input size."""

@@ -192,9 +192,15 @@ class StructuredMatrix:
         be produced and summed in chunks (see ``capture.input_gram_statistic``)."""
         return self.gram_is_cheaper and num_rows > 2 * self.dim
 
-    # Whether gram_statistic is the whole Gram matrix R^T R (which the capture can
-    # compute in a cheaper way of its own).
-    gram_statistic_is_gram: ClassVar[bool] = True
+    def prefers_whole_gram(self, gram_cost_per_row: float) -> bool:
+        r"""Whether :meth:`gram_statistic` is best taken from the whole Gram matrix
+        :math:`R^\top R` (:meth:`gram_statistic_of_gram`), given what that costs in
+        multiply-adds per row. Here the statistic is the whole Gram matrix: always."""
+        return True
+
+    def gram_statistic_of_gram(self, gram: Array) -> Any:
+        r""":meth:`gram_statistic` of rows :math:`R` from their whole Gram matrix."""
+        return gram
 
     def gram_statistic(self, rows: Array) -> Any:
         r"""The part of :math:`R^\top R` that :math:`P(S^\top R^\top R S)` depends on, a
@@ -475,16 +481,27 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return self._replace(blocks=jnp.einsum("nji,njk->nik", self.blocks, self.blocks),
                              last=self.last.T @ self.last)
 
-    gram_statistic_is_gram = False  # only its diagonal blocks
-
     def uses_gram(self, num_rows: int) -> bool:
         return True  # the diagonal blocks of R^T R cost what R S costs
+
+    def prefers_whole_gram(self, gram_cost_per_row: float) -> bool:
+        # Its own statistic takes d b multiply-adds per row, but also copies each block
+        # of columns out of R, which on CPU costs about as much again.
+        return gram_cost_per_row <= 2 * self.dim * self.block_size
+
+    def gram_statistic_of_gram(self, gram: Array) -> tuple[Array, Array]:
+        n, _ = self._split
+        b = self.block_size
+        blocks = gram[:n * b, :n * b].reshape(n, b, n, b)
+        return blocks[jnp.arange(n), :, jnp.arange(n), :], gram[n * b:, n * b:]
 
     def gram_statistic(self, rows: Array) -> tuple[Array, Array]:
         # Only the diagonal blocks M_ii of M = R^T R enter P(S^T M S) = blocks
         # S_i^T M_ii S_i: n d b multiply-adds instead of the n d^2 of the whole Gram.
         # One plain product per block of columns: a batched einsum over the blocks
         # makes XLA:CPU transpose all of R first, which costs more than the products.
+        if self.prefers_whole_gram(self.dim * self.dim):  # few blocks: no column copies
+            return self.gram_statistic_of_gram(rows.T @ rows)
         n, _ = self._split
         b = self.block_size
         blocks = [rows[:, i * b:(i + 1) * b] for i in range(n)]

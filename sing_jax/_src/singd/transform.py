@@ -257,9 +257,15 @@ def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCaptur
         h_k = layer.k.from_square_sums(
             capture_lib.input_square_sums(capture, cfg.kfac_approx, dtype_k))
     elif layer.k.uses_gram(_input_rows(capture, cfg.kfac_approx)):
-        statistic = None if layer.k.gram_statistic_is_gram else layer.k.gram_statistic
-        h_k = layer.k.from_gram_statistic(capture_lib.input_gram_statistic(
-            capture, cfg.kfac_approx, dtype_k, statistic, max_chunk_bytes=_patch_chunk_bytes()))
+        chunk_bytes = _patch_chunk_bytes()
+        if layer.k.prefers_whole_gram(capture_lib.gram_cost_per_row(info, cfg.kfac_approx)):
+            statistic = layer.k.gram_statistic_of_gram(capture_lib.input_gram_statistic(
+                capture, cfg.kfac_approx, dtype_k, max_chunk_bytes=chunk_bytes))
+        else:
+            statistic = capture_lib.input_gram_statistic(
+                capture, cfg.kfac_approx, dtype_k, layer.k.gram_statistic,
+                max_chunk_bytes=chunk_bytes)
+        h_k = layer.k.from_gram_statistic(statistic)
     else:
         h_k = layer.k.from_inner_rows(
             capture_lib.input_matrix(capture, cfg.kfac_approx, dtype_k))
