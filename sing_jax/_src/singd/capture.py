@@ -301,7 +301,7 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     if info.kind != "conv" or kfac_approx != "expand":
         return statistic(input_matrix(capture, kfac_approx, dtype))
     x = _conv_input(_in_dtype(capture.inputs, dtype), info)
-    if gram_only and all(s == 1 for s in info.strides):
+    if gram_only and _gram_by_offsets(info):
         return conv_gram_by_offsets(x, info, max_chunk_bytes)
     if max_chunk_bytes is None:
         return statistic(input_matrix(capture, kfac_approx, dtype))
@@ -339,6 +339,17 @@ def input_gram_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
     return total[order][:, order]
 
 
+def _gram_by_offsets(info: LayerInfo) -> bool:
+    """Whether the whole Gram of a KFAC-expand conv comes from :func:`conv_gram_by_offsets`."""
+    return all(s == 1 for s in info.strides)
+
+
+def _half_plane_offsets(kh: int, kw: int) -> tuple[tuple[int, int], ...]:
+    """Tap offsets (rows, columns) of one half-plane: every ``o_u - o_t`` with ``u >= t``
+    in tap-major order."""
+    return tuple((a, b) for a in range(kh) for b in range(1 - kw, kw) if a > 0 or b >= 0)
+
+
 def gram_cost_per_row(info: LayerInfo, kfac_approx: str) -> float:
     r"""Multiply-adds per row of :math:`A` that :func:`input_gram_statistic` spends on
     the whole Gram matrix :math:`A^\top A`."""
@@ -346,10 +357,10 @@ def gram_cost_per_row(info: LayerInfo, kfac_approx: str) -> float:
     dim = kh * kw * info.kernel_shape[-2] + int(info.has_bias)
     if info.kind != "conv" or kfac_approx != "expand":
         return float(dim * dim)
-    if all(s == 1 for s in info.strides):  # conv_gram_by_offsets
-        num_offsets = kh * (2 * kw - 1) - (kw - 1)
+    if _gram_by_offsets(info):
         channels = info.kernel_shape[2]
-        return float(num_offsets * channels * (channels + int(info.has_bias)))
+        return float(len(_half_plane_offsets(kh, kw)) * channels
+                     * (channels + int(info.has_bias)))
     return 0.75 * dim * dim  # three of the four blocks
 
 
@@ -391,7 +402,7 @@ def _offset_gram_plan(info: LayerInfo, in_hw: tuple[int, int]) -> _OffsetGramPla
     tap_cells = np.array([[rows_read[i][0] <= y0 and y1 <= rows_read[i][1]
                            and cols_read[j][0] <= x0 and x1 <= cols_read[j][1]
                            for y0, y1, x0, x1 in cells] for i, j in taps])
-    offsets = tuple((a, b) for a in range(kh) for b in range(1 - kw, kw) if a > 0 or b >= 0)
+    offsets = _half_plane_offsets(kh, kw)
     index = {o: n for n, o in enumerate(offsets)}
     shape = (len(taps), len(taps))
     block_tap, block_offset = np.zeros(shape, int), np.zeros(shape, int)
@@ -459,11 +470,11 @@ def conv_gram_by_offsets(x: Array, info: LayerInfo,
     cells = _sum_over_batch_chunks(chunk_sum, x, per_image_bytes, max_chunk_bytes)
     rects = jnp.einsum("tk,kf->tf", jnp.asarray(plan.tap_cells, x.dtype),
                        cells.reshape(cells.shape[0], -1))
-    rects = rects.reshape(len(plan.tap_cells), -1, num_offsets, channels)
+    num_taps = len(plan.tap_cells)
+    rects = rects.reshape(num_taps, -1, num_offsets, channels)
     blocks = rects[plan.block_tap, :channels, plan.block_offset, :]  # (t, u, C, C)
     blocks = jnp.where(plan.block_transposed[:, :, None, None],
                        jnp.swapaxes(blocks, -1, -2), blocks)
-    num_taps = len(plan.tap_cells)
     # (t, u, c, c') -> the (channel, tap) order of input_matrix's columns
     gram = blocks.transpose(2, 0, 3, 1).reshape(channels * num_taps, channels * num_taps)
     if not info.has_bias:
