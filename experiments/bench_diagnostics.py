@@ -20,15 +20,18 @@ diagnostics time / plain time.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import sing_jax
 from sing_jax import ChannelDims
+
+if __package__:  # imported as experiments.bench_diagnostics (python -m, tests)
+    from . import _timing
+else:  # run by path: this script's folder is first on sys.path
+    import _timing
 
 
 def resnet18_shapes(width: int = 64, classes: int = 10) -> dict:
@@ -62,7 +65,7 @@ def make_tree(shapes, key):
 
 
 class Runner:
-    """One jitted, donating step of ``tx``; ``run()`` times one call."""
+    """One jitted, donating step of ``tx``; ``run()`` takes one step and blocks."""
 
     def __init__(self, tx, params, grads):
         self.state = tx.init(params)
@@ -78,32 +81,9 @@ class Runner:
             self.run()
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
 
-    def run(self) -> float:
-        start = time.perf_counter()
+    def run(self) -> None:
         self.params, self.state = self.step(self.params, self.state, self.grads)
         jax.block_until_ready((self.params, self.state))
-        return time.perf_counter() - start
-
-
-def time_interleaved(runners: dict, repeats: int) -> dict:
-    """Median seconds per runner, the runners taking turns (the machine is shared)."""
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            times[name].append(runner.run())
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    # Donated, so that the copy reuses its buffer as the optimizer step does.
-    copy = jax.jit(lambda a: a * 2.0, donate_argnums=0)
-    x = copy(jnp.ones(nbytes // 4, jnp.float32)).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x = copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))  # read + write
 
 
 def main():
@@ -131,13 +111,14 @@ def main():
         "adam frozen but head": sing_jax.head_only(optax.adam(lr)),
     }
     runners = {name: Runner(tx, params, grads) for name, tx in txs.items()}
-    medians = time_interleaved(runners, args.repeats)
+    medians = _timing.interleaved_medians({name: runner.run for name, runner in runners.items()},
+                                          args.repeats, warmup_rounds=0)  # warmed up
     base = medians["adam"]
     diag = medians["adam+diagnostics"]
     rows = [(name, medians[name], runners[name].state_bytes) for name in txs]
 
     # adam reads g, m, v, p and writes m, v, p: 7 float32 per parameter.
-    bandwidth = copy_bandwidth(4 * n, args.repeats)
+    bandwidth = _timing.copy_bandwidth(4 * n, args.repeats)
     floor = 7 * 4 * n / bandwidth
     print(f"device: {jax.devices()[0].device_kind}; params: {n / 1e6:.2f}M "
           f"({len(jax.tree.leaves(params))} leaves); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "

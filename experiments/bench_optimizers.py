@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +34,11 @@ import optax
 
 import sing_jax
 from sing_jax import ChannelDims
+
+if __package__:  # imported as experiments.bench_optimizers (python -m, tests)
+    from . import _timing
+else:  # run by path: this script's folder is first on sys.path
+    import _timing
 
 
 def resnet18_cifar_params(num_classes: int = 10) -> dict:
@@ -100,34 +103,18 @@ def make_step(tx):
     return step
 
 
-def copy_bandwidth(num_bytes: int = 256 * 2 ** 20, repeats: int = 10) -> float:
-    """Bytes per second of a jitted read+write of a large float32 array."""
-    x = jnp.ones(num_bytes // 4, jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
-    x = f(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * num_bytes / statistics.median(times)
-
-
 def interleaved_medians(runs: dict[str, tuple[Callable, Any]], repeats: int,
                         ) -> dict[str, float]:
-    """Median milliseconds of ``carry = fn(carry)`` for each run, runs interleaved.
+    """Median milliseconds of ``carry = fn(carry)`` for each ``(fn, carry)``, runs interleaved."""
+    carries = {label: carry for label, (_, carry) in runs.items()}
 
-    Interleaving repeat by repeat makes machine noise hit every run alike.
-    """
-    carries = {label: jax.block_until_ready(fn(carry))  # compile + warm-up
-               for label, (fn, carry) in runs.items()}
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(repeats):
-        for label, (fn, _) in runs.items():
-            t0 = time.perf_counter()
-            carries[label] = jax.block_until_ready(fn(carries[label]))
-            times[label].append(time.perf_counter() - t0)
-    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+    def advance(label, fn):
+        carries[label] = jax.block_until_ready(fn(carries[label]))
+
+    seconds = _timing.interleaved_medians(
+        {label: functools.partial(advance, label, fn) for label, (fn, _) in runs.items()},
+        repeats)
+    return {label: s * 1e3 for label, s in seconds.items()}
 
 
 def optimizer_run(tx, params0, grads) -> tuple[Callable, Any]:
@@ -199,7 +186,7 @@ def main() -> None:
     n_params = sum(p.size for p in jax.tree.leaves(params0))
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-2,
                          params0)
-    bandwidth = copy_bandwidth()
+    bandwidth = _timing.copy_bandwidth()
     print(f"ResNet-18 (CIFAR) parameter tree: {n_params / 1e6:.2f}M parameters, "
           f"{len(jax.tree.leaves(params0))} leaves; devices: {jax.devices()[0].platform} x"
           f"{jax.device_count()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")

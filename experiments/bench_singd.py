@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import statistics
-import time
 import warnings
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -51,6 +49,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import sing_jax  # noqa: E402
+
+if __package__:  # imported as experiments.bench_singd (python -m, tests)
+    from . import _timing  # noqa: E402
+else:  # run by path: this script's folder is first on sys.path
+    import _timing  # noqa: E402
 
 STRUCTURES = {  # ours -> PyTorch reference name
     "dense": "dense",
@@ -112,24 +115,12 @@ def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def time_once(run_window) -> float:
-    start = time.perf_counter()
-    run_window()
-    return time.perf_counter() - start
-
-
-def interleaved_medians(windows: dict, repeats: int) -> dict:
+def seconds_per_step(windows: dict, repeats: int) -> dict:
     """Seconds per step of each ``(run_window, steps)``: one warm-up window each, then
-    ``repeats`` rounds that run every window once, so that machine noise hits all of
-    them alike; the median over rounds, divided by the window's steps."""
-    for run_window, _ in windows.values():
-        run_window()
-    times = {name: [] for name in windows}
-    for _ in range(repeats):
-        for name, (run_window, _) in windows.items():
-            times[name].append(time_once(run_window))
-    return {name: statistics.median(times[name]) / steps
-            for name, (_, steps) in windows.items()}
+    ``repeats`` interleaved rounds; the median window time divided by its steps."""
+    seconds = _timing.interleaved_medians({name: run_window for name, (run_window, _)
+                                           in windows.items()}, repeats)
+    return {name: seconds[name] / steps for name, (_, steps) in windows.items()}
 
 
 def jax_window(step, carry, steps):
@@ -227,20 +218,6 @@ def torch_window(one_step, steps):
     return window
 
 
-def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Bytes per second of a jitted in-place read + write of a large float32 array (the
-    memory-traffic unit; a copy into fresh memory would mostly time page faults)."""
-    x = jnp.ones(num_bytes // 4, jnp.float32)
-    scale = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
-    x = scale(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x = scale(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * num_bytes / statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
@@ -261,7 +238,7 @@ def main():
         torch.set_num_threads(max(1, len(jax.devices("cpu")) and 2))
     except ImportError:
         pass
-    bandwidth = copy_bandwidth()
+    bandwidth = _timing.copy_bandwidth()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     header = (f"{'model':<5} {'structure':<15} {'T':>3} {'ours ms':>9} {'sgd ms':>8} "
@@ -282,13 +259,13 @@ def main():
                 torch_one = None if args.no_torch else torch_step(name, structure, T)
                 if torch_one is not None and T == 1:
                     # slow reference structures (PyTorch's naive Toeplitz): one step a window
-                    torch_steps = 1 if time_once(torch_one) > 1.0 else steps
+                    torch_steps = 1 if _timing.seconds_of(torch_one) > 1.0 else steps
                     windows["torch"] = (torch_window(torch_one, torch_steps), torch_steps)
                 elif torch_one is not None:
                     # (refresh step + (T-1) skip steps) / T, skip steps timed here
                     torch_one()  # step 0 refreshes; the next T - 1 do not
                     windows["torch skip"] = (torch_window(torch_one, 1), 1)
-                times = interleaved_medians(windows, args.repeats)
+                times = seconds_per_step(windows, args.repeats)
                 ref = times.get("torch", float("nan"))
                 if "torch skip" in times:
                     ref = (torch_refresh + (T - 1) * times["torch skip"]) / T if (

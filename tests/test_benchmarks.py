@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import optax
+import pytest
 
 import sing_jax
 from experiments import bench_optimizers
@@ -39,7 +40,21 @@ def test_bench_singd_times_ours_sgd_and_pytorch_interleaved():
     torch_one = bench_singd.torch_step("mlp", "diagonal", T=1)
     if torch_one is not None:
         windows["torch"] = (bench_singd.torch_window(torch_one, 1), 1)
-    seconds = bench_singd.interleaved_medians(windows, repeats=2)
+    seconds = bench_singd.seconds_per_step(windows, repeats=2)
     assert set(seconds) == set(windows) and all(v > 0 for v in seconds.values())
     # one warm-up window each, then rounds that alternate between them
     assert calls == ["ours", "sgd"] * 3
+
+
+def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats():
+    from experiments import _timing
+
+    calls = []
+    seconds = _timing.interleaved_medians({"a": lambda: calls.append("a"),
+                                           "b": lambda: calls.append("b")},
+                                          repeats=3, warmup_rounds=2)
+    assert calls == ["a", "b"] * 5
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        _timing.interleaved_medians({"a": lambda: None}, repeats=0)
+    assert _timing.copy_bandwidth(2**20, repeats=2) > 0

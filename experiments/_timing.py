@@ -1,0 +1,60 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Every benchmark here compares our step with a baseline measured in the same
+process. :func:`interleaved_medians` lets the calls take turns, round by round,
+so that noise on this shared machine hits all of them alike, and reports medians.
+:func:`copy_bandwidth` gives the unit of the memory-traffic floors the scripts print.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def seconds_of(call: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one ``call()``; the call must block until its work is done."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
+                        warmup_rounds: int = 1) -> dict[str, float]:
+    """Median seconds of each blocking call, the calls taking turns.
+
+    ``warmup_rounds`` untimed rounds (compilation, first-touch page faults) come
+    first; then ``repeats`` rounds call each entry once, in order.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup_rounds):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(seconds_of(call))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Bytes per second of a jitted in-place read + write of a large float32 array.
+
+    Donated, so the output reuses the input's buffer as a donated optimizer step
+    does: a copy into fresh memory would mostly time page faults.
+    """
+    x = jnp.ones(num_bytes // 4, jnp.float32)
+    scale = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = scale(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = scale(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * num_bytes / statistics.median(times)
