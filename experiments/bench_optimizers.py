@@ -11,7 +11,7 @@ A second table shows where the time goes: SING with its softplus denominator,
 its Lookahead or its gradient standardisation switched off, and the three
 per-channel inner products ``<p, p>``, ``<p, m>``, ``<m, m>`` that the RT steps
 (and AdamG) take on every conv kernel, timed alone. On XLA:CPU each reduction is
-its own pass over the leaf at about a third of the speed of an elementwise pass
+its own pass over the leaf at a third to a half of the speed of an elementwise pass
 (sibling reductions are not fused), so those inner products alone cost more
 than a whole SGD-momentum step; likewise the softplus (an ``exp`` and a short
 polynomial per element) costs about 40% of a whole AdamW step. On accelerators, where
