@@ -18,6 +18,8 @@ SPECS = {
     "whole_leaf": [(), (), ()],
     "non_trailing_axis": [(0,), (0,), (2,)],
     "mixed": [None, (-1,), (2, 3)],
+    # d = 1 everywhere: each optimizer must reduce to its Euclidean parent (spec section 2).
+    "all_axes": [(0,), (0, 1), (0, 1, 2, 3)],
 }
 
 

@@ -214,9 +214,10 @@ def adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
           channel_dims: ChannelDimsSpec = None) -> optax.GradientTransformation:
     r"""AdamG, the seed 001 baseline: Adam on the unit sphere of each channel.
 
-    Leaves with a ``ChannelDims`` spec follow :func:`sing_jax.scale_by_adamg`'s
-    sphere branch (no weight decay, channels renormalised to unit norm after
-    every step); leaves with ``None`` take Adam with coupled L2 ``weight_decay``.
+    Leaves with a ``ChannelDims`` spec and more than one element per channel
+    follow :func:`sing_jax.scale_by_adamg`'s sphere branch (no weight decay,
+    channels renormalised to unit norm after every step); Euclidean leaves (``None``,
+    or one element per channel) take Adam with coupled L2 ``weight_decay``.
     See :func:`sing_jax.scale_by_adamg` for how this differs from the reference's
     inverted ``channel_wise`` flag.
     """

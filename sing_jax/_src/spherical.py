@@ -489,9 +489,10 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
       {\sqrt{\langle p, p\rangle \langle x_{new}, x_{new}\rangle} + \epsilon} \\
       p &\leftarrow x_{new} / (\sqrt{\langle x_{new}, x_{new}\rangle} + \epsilon)
 
-    so every channel is put back on the unit sphere after each step. Leaves whose
-    spec is ``None`` take a plain Adam step (the alias :func:`sing_jax.adamg` adds
-    coupled L2 to those leaves only). It needs the post-update parameters, so it
+    so every channel is put back on the unit sphere after each step. Euclidean
+    leaves (spec ``None``, or channel groups of one element, ``d = 1``, where a
+    sphere would be the two points +-1) take a plain Adam step (the alias
+    :func:`sing_jax.adamg` adds coupled L2 to those leaves only). It needs the post-update parameters, so it
     **owns the learning rate**: its output is the final update.
 
     Difference from the reference: the reference's ``channel_wise=True`` selects
@@ -523,7 +524,9 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
             m, v = _adams_moments(geo, g, m, v, b1, b2)
             # Adam's step is s * m, s per channel on sphere leaves.
             s = lr * (1.0 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
-            if geo.group_axes is None:
+            if not geo.is_spherical:
+                # d = 1 (spec section 2): a one-element sphere is Euclidean, so the
+                # leaf takes AdamG's Euclidean parent, Adam, instead of snapping to +-1.
                 return (-s * m).astype(g.dtype), m, v
             # As in the fused RT steps: inner products from existing arrays only, and
             # x_new recovered from the new params, so that XLA needs no copy of p.
@@ -546,11 +549,15 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
 
 
 def euclidean_mask(channel_dims: ChannelDimsSpec) -> Any:
-    """A callable ``params -> bool tree``: True where the leaf's spec is ``None``."""
+    """A callable ``params -> bool tree``: True where the leaf is Euclidean.
+
+    Euclidean means a ``None`` spec or channel groups of one element (``d = 1``),
+    the leaves where the channel optimizers reduce to their Euclidean parents.
+    """
 
     def mask(params):
         geometries = channels.resolve_channel_dims(channel_dims, params)
-        return channels.map_with_geometry(lambda g, _: g.group_axes is None, geometries,
+        return channels.map_with_geometry(lambda g, _: not g.is_spherical, geometries,
                                           params)
 
     return mask
