@@ -226,3 +226,64 @@ def test_transforms_that_own_the_learning_rate_need_params():
         state = tx.init(params)
         with pytest.raises(ValueError, match="params"):
             tx.update(params, state)
+
+
+@pytest.mark.parametrize("axes", [(0.9,), 1.0, True, (True,), "ab", None])
+def test_channel_dims_refuses_axes_that_are_not_ints(axes):
+    # int() would truncate 0.9 to axis 0 and True to axis 1: a typo must not pick an axis.
+    with pytest.raises(TypeError, match="ChannelDims"):
+        ChannelDims(axes)
+
+
+def test_rules_see_namedtuple_and_dataclass_field_names():
+    from typing import NamedTuple
+
+    from flax import struct
+
+    class Layer(NamedTuple):
+        kernel: jax.Array
+        bias: jax.Array
+
+    @struct.dataclass
+    class Net:
+        conv: Layer
+        head: Layer
+
+    params = Net(conv=Layer(jnp.ones((3, 3, 2, 4)), jnp.zeros(4)),
+                 head=Layer(jnp.ones((4, 3)), jnp.zeros(3)))
+    from sing_jax._src.channels import leaf_paths
+    assert leaf_paths(params) == ["conv/kernel", "conv/bias", "head/kernel", "head/bias"]
+    spec = sing_jax.channel_dims_from_rules(params, [(r"conv/kernel", ChannelDims((-1,)))])
+    assert jax.tree.leaves(spec, is_leaf=lambda x: x is None) == [
+        ChannelDims((-1,)), None, None, None]
+    # ...while a Flax Variable's trailing ``.value`` is still left out of the path.
+    state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    assert sorted(leaf_paths(state)) == ["bias", "kernel"]
+
+
+def test_callable_specs_under_inject_hyperparams_fail_loudly_and_static_args_work():
+    params = {"conv": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)), "b": jnp.zeros(4)}
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) + p, params)
+    # inject_hyperparams calls every callable keyword with the step count; without the
+    # check this silently made every leaf Euclidean.
+    with pytest.raises(ValueError, match=r"output_channel_dims .*step count.*static_args"):
+        optax.inject_hyperparams(sing_jax.adamsrt)(
+            learning_rate=1e-2, channel_dims=sing_jax.output_channel_dims).init(params)
+    with pytest.raises(ValueError, match=r"matrix_mask .*inject_hyperparams"):
+        optax.inject_hyperparams(sing_jax.sing)(
+            learning_rate=1e-2, weight_decay_mask=sing_jax.matrix_mask).init(params)
+    injected = optax.inject_hyperparams(sing_jax.adamsrt, static_args=("channel_dims",))(
+        learning_rate=1e-2, channel_dims=sing_jax.output_channel_dims)
+    plain = sing_jax.adamsrt(1e-2, channel_dims=sing_jax.output_channel_dims)
+    got, _ = injected.update(grads, injected.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        # Injected hyper-parameters are float32 arrays: eps=1e-8 rounds slightly.
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_softplus_beta_must_be_positive():
+    with pytest.raises(ValueError, match=r"sing: softplus_beta=0.0 .* > 0"):
+        sing_jax.sing(1e-3, softplus_beta=0.0)
+    with pytest.raises(ValueError, match=r"softplus_beta=-1.0"):
+        sing_jax.scale_by_softplus_adam(softplus_beta=-1.0)

@@ -91,7 +91,8 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     """
     hyperparams.check_adam_hyperparams("scale_by_softplus_adam", b1, b2, eps)
     if softplus_beta is not None:
-        hyperparams.check_non_negative("scale_by_softplus_adam", "softplus_beta", softplus_beta)
+        # softplus(beta * d) / beta divides by beta: 0 would give NaN updates.
+        hyperparams.check_positive("scale_by_softplus_adam", "softplus_beta", softplus_beta)
 
     def init_fn(params):
         mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.asarray(p).dtype),

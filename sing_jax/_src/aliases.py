@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sing_jax._src import hyperparams, spherical
+from sing_jax._src import channels, hyperparams, spherical
 from sing_jax._src.adam import scale_by_softplus_adam
 from sing_jax._src.channels import ChannelDimsSpec
 from sing_jax._src.lookahead import lookahead
@@ -25,6 +25,7 @@ MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 def matrix_mask(params: optax.Params) -> Any:
     """True on leaves with ``ndim > 1`` (kernels), False on biases and norm scales."""
+    channels.refuse_step_count("matrix_mask", params)
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
@@ -101,6 +102,8 @@ def sing(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     """
     _check_common("sing", learning_rate, weight_decay, b1=b1, b2=b2)
     hyperparams.check_non_negative("sing", "eps", eps)
+    if softplus_beta is not None:
+        hyperparams.check_positive("sing", "softplus_beta", softplus_beta)
     if lookahead_every is not None:
         hyperparams.check_positive_int("sing", "lookahead_every", lookahead_every)
         hyperparams.check_unit_interval("sing", "lookahead_alpha", lookahead_alpha,

@@ -41,15 +41,20 @@ class ChannelDims:
     axes: tuple[int, ...]
 
     def __init__(self, axes: Sequence[int] | int = (-1,)):
-        if isinstance(axes, (int, np.integer)):
-            axes = (int(axes),)
-        try:
-            axes = tuple(int(a) for a in axes)
-        except TypeError as e:
+        if _is_int_axis(axes):
+            axes = (axes,)
+        if isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence | np.ndarray):
             raise TypeError(
-                f"ChannelDims takes a sequence of int axes, got {axes!r}"
-            ) from e
-        object.__setattr__(self, "axes", axes)
+                f"ChannelDims takes an int axis or a sequence of int axes, got {axes!r}"
+            )
+        bad = [a for a in axes if not _is_int_axis(a)]
+        if bad:
+            # Floats and bools would be silently truncated to an axis by int(); a
+            # mistyped spec must not quietly select another channel axis.
+            raise TypeError(
+                f"ChannelDims axes must be ints, got {bad[0]!r} in {axes!r}"
+            )
+        object.__setattr__(self, "axes", tuple(int(a) for a in axes))
 
     def group_axes(self, ndim: int, path: str = "<leaf>") -> tuple[int, ...]:
         """The non-negative axes that one channel's group spans (``G``).
@@ -77,7 +82,29 @@ class ChannelDims:
         return tuple(a for a in range(ndim) if a not in normalized)
 
 
+def _is_int_axis(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 ChannelDimsSpec = Union[None, ChannelDims, Any, Callable[[Any], Any]]
+
+
+def refuse_step_count(owner: str, params: Any) -> None:
+    """Raises when a params-to-spec callable is handed a step count instead.
+
+    ``optax.inject_hyperparams`` takes every callable keyword for a schedule and
+    calls it with the step count, a 0-d integer array; a spec or mask callable
+    would then silently turn every leaf Euclidean (or unmasked).
+    """
+    if (isinstance(params, (jax.Array, np.ndarray)) and np.ndim(params) == 0
+            and jnp.issubdtype(params.dtype, jnp.integer)):
+        raise ValueError(
+            f"{owner} was called with a 0-d integer array ({params!r}) instead of a "
+            "parameter tree: most likely optax.inject_hyperparams took it for a "
+            "schedule and passed it the step count. Pass callables that map params to "
+            "a spec or mask through inject_hyperparams(..., static_args=(name,)) or "
+            "functools.partial(optimizer, name=callable)."
+        )
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -85,17 +112,22 @@ def _is_spec_leaf(x: Any) -> bool:
 
 
 def _path_str(path: Sequence[Any]) -> str:
-    """'block/conv/kernel'-style name of a key path; attribute keys are dropped.
+    """'block/conv/kernel'-style name of a key path.
 
-    Pytree classes that wrap a value (Flax ``Variable``, ``.value``) add an
-    attribute key to the path; leaving it out makes a spec built over an
-    ``nnx.State`` of Variables match the plain arrays the optimizer sees later.
+    Attribute keys name children of NamedTuples and dataclasses and are kept; a
+    trailing ``.value`` (what a Flax ``Variable`` adds around its array) is left
+    out, so that a spec built over an ``nnx.State`` of Variables matches the plain
+    arrays the optimizer sees later.
     """
+    path = list(path)
+    if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
+            and path[-1].name == "value"):
+        path = path[:-1]
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.GetAttrKey):
-            continue
-        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.DictKey):
             parts.append(str(key.key))
         elif isinstance(key, jax.tree_util.SequenceKey):
             parts.append(str(key.idx))
@@ -227,8 +259,9 @@ def channel_dims_from_rules(params: Any, rules: Sequence[Rule],
                             default: ChannelDims | None = None) -> Any:
     """A spec tree from ``(regex, ChannelDims | None)`` rules over parameter paths.
 
-    Paths are the '/'-joined keys of each leaf (``'layers/0/kernel'``; the
-    ``.value`` attribute of Flax Variables is left out). The first rule whose
+    Paths are the '/'-joined keys of each leaf (``'layers/0/kernel'``; attribute
+    names of NamedTuples and dataclasses are kept, the ``.value`` of Flax
+    Variables is left out). The first rule whose
     pattern ``re.fullmatch``-es the path wins; unmatched leaves get ``default``.
     A rule that matches no leaf is reported with a warning naming the pattern.
 
@@ -236,6 +269,7 @@ def channel_dims_from_rules(params: Any, rules: Sequence[Rule],
 
       spec = channel_dims_from_rules(params, [(r".*conv.*/kernel", ChannelDims((-1,)))])
     """
+    refuse_step_count("channel_dims_from_rules", params)
     compiled = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):

@@ -37,6 +37,13 @@ def check_non_negative(owner: str, name: str, value: Any) -> None:
                          "(a float or an optax schedule).")
 
 
+def check_positive(owner: str, name: str, value: Any) -> None:
+    """``value > 0`` (a schedule is checked at step 0)."""
+    x = _value_at_start(value)
+    if x is not None and not x > 0:
+        raise ValueError(f"{owner}: {name}={x!r} is not allowed; expected a value > 0.")
+
+
 def check_unit_interval(owner: str, name: str, value: Any, *, include_one: bool = False,
                         ) -> None:
     """``0 <= value < 1`` (or ``<= 1`` with ``include_one``)."""

@@ -21,6 +21,7 @@ def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
     per-output-channel spheres and leaves biases and norm parameters Euclidean.
     Usable directly as ``channel_dims=sing_jax.output_channel_dims``.
     """
+    channels.refuse_step_count("output_channel_dims", params)
     return jax.tree.map(lambda p: ChannelDims((-1,)) if jnp.ndim(p) >= min_ndim else None,
                         params)
 
