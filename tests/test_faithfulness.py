@@ -358,3 +358,20 @@ def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     np.testing.assert_allclose(np.asarray(ours16, np.float64), expected, rtol=2e-2)
     ours64 = np.asarray(sing_jax.softplus_denominator(jnp.asarray(d), beta, threshold))
     np.testing.assert_allclose(ours64, pytorch_rule(beta * d), rtol=1e-14)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sing_centralisation_zeroes_single_input_kernels_like_the_spec(normalize):
+    # With one element per output channel the channel mean is the gradient itself:
+    # spec section 1 (and the reference) zero it; the optimizer must not skip it.
+    shapes = [(1, 4), (1, 1, 1, 3), (5,)]
+    rng = np.random.default_rng(3)
+    params0 = [rng.normal(size=s) for s in shapes]
+    tx = sing_jax.sing(2e-2, weight_decay=0.1, b2=0.99, normalize=normalize,
+                       lookahead_every=None)
+    numpy_opt = ref.NumpySING(params0, lr=2e-2, b2=0.99, wd=0.1, grad_norm=normalize,
+                              lookahead=False)
+    params, _, _ = run_both(tx, numpy_opt, params0, steps=6)
+    decay = (1 - 2e-2 * 0.1) ** 6  # only the weight decay moves the two kernels
+    for got, start in zip(params[:2], params0[:2]):
+        np.testing.assert_allclose(np.asarray(got), start * decay, rtol=1e-9)

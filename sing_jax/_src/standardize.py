@@ -63,7 +63,9 @@ def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
 
     where the mean is taken over the group axes ``G`` of each leaf, i.e. every axis
     except its channel axes. The default spec keeps the last (output-channel) axis
-    of leaves with ``ndim > 1`` and leaves 1-D leaves untouched, as SING does.
+    of leaves with ``ndim > 1`` and leaves 1-D leaves untouched, as SING does. A
+    kernel with one input (shape ``(1, out)``) is thereby zeroed, as in the
+    reference; give it a ``None`` spec to train it.
 
     Args:
       channel_dims: a spec tree (leaves ``ChannelDims`` or ``None`` = untouched), a
@@ -74,7 +76,9 @@ def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
     """
 
     def centralize(geometry, g):
-        if geometry.group_axes is None or geometry.group_size == 1:
+        # A group of one element (e.g. a (1, out) kernel) is its own mean, so its
+        # centred gradient is zero, as in spec section 1 and the reference.
+        if geometry.group_axes is None:
             return g
         return g - jnp.mean(g, axis=geometry.group_axes, keepdims=True)
 
@@ -132,7 +136,7 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
         leaves, treedef = jax.tree.flatten(updates)
         wides = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
         means = [jnp.mean(w, axis=geo.group_axes, keepdims=True)
-                 if geo.group_axes is not None and geo.group_size > 1 else None
+                 if geo.group_axes is not None else None
                  for w, geo in zip(wides, geometries)]
         square_sums = [jnp.sum(w * w) for w in wides]
         # ||g - mean||^2 = ||g||^2 - d sum_c mean_c^2 on the centred leaves
