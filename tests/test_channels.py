@@ -4,6 +4,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -287,3 +288,25 @@ def test_softplus_beta_must_be_positive():
         sing_jax.sing(1e-3, softplus_beta=0.0)
     with pytest.raises(ValueError, match=r"softplus_beta=-1.0"):
         sing_jax.scale_by_softplus_adam(softplus_beta=-1.0)
+
+
+@pytest.mark.parametrize("make", [sing_jax.adams, sing_jax.adamsrt, sing_jax.sgdmrt,
+                                  sing_jax.adamg])
+def test_a_full_model_spec_works_inside_masked_and_partition(make):
+    params = {"conv": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 4, 5))},
+              "bias": jnp.zeros(5), "head": jnp.ones((5, 2))}
+    spec = {"conv": {"kernel": ChannelDims((-1,))}, "bias": None, "head": None}
+    grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, params)
+    full = make(channel_dims=spec)
+    want, _ = full.update(grads, full.init(params), params)
+    labels = {"conv": {"kernel": "sphere"}, "bias": "other", "head": "other"}
+    for tx in [optax.masked(make(channel_dims=spec), jax.tree.map(lambda s: s == "sphere",
+                                                                  labels)),
+               optax.partition({"sphere": make(channel_dims=spec),
+                                "other": optax.adam(1e-3)}, labels)]:
+        got, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(got["conv"]["kernel"], want["conv"]["kernel"], rtol=1e-6)
+    # A spec that does not cover the masked params' paths is still an error naming them.
+    with pytest.raises(ValueError, match=r"Params without a spec: \['conv/kernel'\]"):
+        optax.masked(make(channel_dims={"bias": None, "head": None}),
+                     {"conv": {"kernel": True}, "bias": False, "head": False}).init(params)

@@ -164,8 +164,10 @@ EUCLIDEAN = LeafGeometry(None, 1)
 def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometry]:
     """Validates ``spec`` against ``params`` and returns one geometry per array leaf.
 
-    The order is the flattening order of ``params``. Errors name the leaf path,
-    the value and what was expected.
+    The order is the flattening order of ``params``. A spec tree for a larger
+    tree whose paths cover every leaf of ``params`` is matched by path, so a
+    full-model spec works inside ``optax.masked`` and ``optax.partition``. Errors
+    name the leaf path, the value and what was expected.
     """
     if callable(spec) and not isinstance(spec, ChannelDims):
         spec = spec(params)
@@ -185,6 +187,15 @@ def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometr
         if len(spec_leaves) != len(flat_params):
             param_names = [_path_str(p) for p, _ in flat_params]
             spec_names = [_path_str(p) for p, _ in spec_leaves]
+            by_name = dict(zip(spec_names, (s for _, s in spec_leaves)))
+            if (len(by_name) == len(spec_names)
+                    and all(name in by_name for name in param_names)):
+                # A sub-tree of the spec's params, as inside optax.masked or
+                # optax.partition (masked-out leaves become empty MaskedNodes): match
+                # by path.
+                spec_leaves = [(p, by_name[name]) for (p, _), name in
+                               zip(flat_params, param_names)]
+                return _geometries(flat_params, spec_leaves)
             missing = sorted(set(param_names) - set(spec_names))[:5]
             extra = sorted(set(spec_names) - set(param_names))[:5]
             raise ValueError(
@@ -200,6 +211,10 @@ def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometr
                     f"entry {_path_str(spath)!r} where the params have "
                     f"{_path_str(ppath)!r}."
                 )
+    return _geometries(flat_params, spec_leaves)
+
+
+def _geometries(flat_params: list, spec_leaves: list) -> list[LeafGeometry]:
     geometries = []
     for (path, leaf), (_, leaf_spec) in zip(flat_params, spec_leaves):
         if leaf_spec is None:

@@ -492,8 +492,9 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
     so every channel is put back on the unit sphere after each step. Euclidean
     leaves (spec ``None``, or channel groups of one element, ``d = 1``, where a
     sphere would be the two points +-1) take a plain Adam step (the alias
-    :func:`sing_jax.adamg` adds coupled L2 to those leaves only). It needs the post-update parameters, so it
-    **owns the learning rate**: its output is the final update.
+    :func:`sing_jax.adamg` adds coupled L2 to those leaves only). It needs the
+    post-update parameters, so it **owns the learning rate**: its output is the
+    final update.
 
     Difference from the reference: the reference's ``channel_wise=True`` selects
     its *Adam* branch and ``channel_wise=False`` the sphere branch (the opposite of
