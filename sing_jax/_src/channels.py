@@ -323,6 +323,13 @@ def channel_dims_from_rules(params: Any, rules: Sequence[Rule],
     return spec
 
 
+def _default_rtol(arrays: list[Any]) -> float:
+    """1e-3, loosened to a few rounding steps of the coarsest floating dtype."""
+    eps = [float(jnp.finfo(a.dtype).eps) for a in arrays
+           if jnp.issubdtype(a.dtype, jnp.floating)]
+    return max([1e-3] + [4 * e for e in eps])
+
+
 class DetectedChannelDims(NamedTuple):
     """What :func:`detect_channel_dims` found: the spec tree and a readable report."""
 
@@ -331,7 +338,7 @@ class DetectedChannelDims(NamedTuple):
 
 
 def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
-                        channel_axis: int = -1, rtol: float = 1e-3, seed: int = 0,
+                        channel_axis: int = -1, rtol: float | None = None, seed: int = 0,
                         min_ndim: int = 2) -> DetectedChannelDims:
     """Finds the scale-invariant leaves of a model by probing its outputs.
 
@@ -352,7 +359,10 @@ def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch:
       params: the parameter tree.
       batch: model input passed to ``apply_fn``; use several examples.
       channel_axis: the output-channel axis (``-1`` for Flax layouts).
-      rtol: relative tolerance of the invariance check.
+      rtol: relative tolerance of the invariance check; ``None`` (default) takes
+        ``1e-3``, or ``4 * finfo(dtype).eps`` when the least precise floating
+        dtype of the params and outputs is coarser (``0.03`` for bfloat16,
+        whose rounding alone moves the outputs by more than ``1e-3``).
       seed: seed of the random factors.
       min_ndim: leaves with fewer dims are not probed (``None``).
 
@@ -361,6 +371,8 @@ def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch:
     """
     apply = jax.jit(apply_fn)
     reference = jax.tree.leaves(apply(params, batch))
+    if rtol is None:
+        rtol = _default_rtol(jax.tree.leaves(params) + reference)
     ref_scale = max(float(jnp.max(jnp.abs(r))) for r in reference) + 1e-6
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in flat]
