@@ -28,3 +28,34 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(aliases, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_nnx_example_runs_and_keeps_the_head_euclidean():
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import sing_jax
+
+    class MyModel(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
+
+    def loss_fn(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    namespace = {"MyModel": MyModel, "loss_fn": loss_fn, "sing_jax": sing_jax, "nnx": nnx}
+    exec(python_block_after("### With Flax NNX"), namespace)
+    assert namespace["spec"]["conv"]["kernel"] == sing_jax.ChannelDims((-1,))
+    assert namespace["spec"]["head"]["kernel"] is None
+    model, optimizer = namespace["model"], namespace["optimizer"]
+    before = model.conv.kernel[...]
+    x, y = jax.random.normal(jax.random.key(0), (4, 6, 6, 3)), jnp.array([0, 1, 0, 1])
+    loss = namespace["train_step"](model, optimizer, x, y)
+    assert jnp.isfinite(loss) and not jnp.allclose(model.conv.kernel[...], before)

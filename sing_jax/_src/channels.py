@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -80,6 +81,10 @@ class ChannelDims:
                 f"{path}: ChannelDims{self.axes} repeats an axis (ndim={ndim})."
             )
         return tuple(a for a in range(ndim) if a not in normalized)
+
+
+def is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _is_int_axis(x: Any) -> bool:
@@ -312,7 +317,9 @@ def channel_dims_from_rules(params: Any, rules: Sequence[Rule],
                 return value
         return default
 
-    spec = jax.tree_util.tree_map_with_path(pick, params)
+    # A Flax Variable counts as one leaf, so a spec built over an nnx.State holds
+    # plain ChannelDims/None, not Variables wrapping them.
+    spec = jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_variable)
     for (regex, _), was_used in zip(compiled, used):
         if not was_used:
             warnings.warn(

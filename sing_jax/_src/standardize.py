@@ -23,7 +23,7 @@ def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
     """
     channels.refuse_step_count("output_channel_dims", params)
     return jax.tree.map(lambda p: ChannelDims((-1,)) if jnp.ndim(p) >= min_ndim else None,
-                        params)
+                        params, is_leaf=channels.is_variable)
 
 
 def _stateless(channel_dims: ChannelDimsSpec,
