@@ -239,19 +239,32 @@ def test_learning_rate_and_weight_decay_schedules_are_honoured(name):
         "adamsrt": sing_jax.adamsrt, "sgdmrt": sing_jax.sgdmrt, "adamg": sing_jax.adamg}[name]
     kwargs = {} if name.startswith("sing") else {"channel_dims": net_spec()}
     stop_after_3 = optax.piecewise_constant_schedule(1e-2, {3: 0.0})
-    tx = factory(learning_rate=stop_after_3, weight_decay=optax.constant_schedule(1e-2),
-                 **kwargs)
-    same = factory(learning_rate=1e-2, weight_decay=1e-2, **kwargs)
+    decay_until_2 = optax.piecewise_constant_schedule(1e-2, {2: 0.0})
+    tx = factory(learning_rate=stop_after_3, weight_decay=decay_until_2, **kwargs)
+    # Schedules for both, so that the three states have the same structure.
+    same = factory(learning_rate=optax.constant_schedule(1e-2),
+                   weight_decay=optax.constant_schedule(1e-2), **kwargs)
+    no_decay = factory(learning_rate=optax.constant_schedule(1e-2),
+                       weight_decay=optax.constant_schedule(0.0), **kwargs)
     params = net_params()
     state, state_same = tx.init(params), same.init(params)
     history = []
     update, update_same = jax.jit(tx.update), jax.jit(same.update)
     for seed in range(6):
         grads = net_grads(params, seed)
-        updates, state = update(grads, state, params)
-        if seed < 3:  # while the schedule is at its first value, it equals the constant
+        updates, new_state = update(grads, state, params)
+        if seed <= 2:  # the states still agree: compare the step each would take
+            chex.assert_trees_all_close(state, state_same, rtol=1e-6, atol=1e-7)
             updates_same, state_same = update_same(grads, state_same, params)
+        if seed < 2:  # both schedules at their first values: equal to the constants
             chex.assert_trees_all_close(updates, updates_same, rtol=1e-6, atol=1e-7)
+        elif seed == 2:  # weight decay now off, learning rate still on
+            updates_no_decay, _ = jax.jit(no_decay.update)(grads, state, params)
+            # The decay term is about 1% of the step: 1e-4 separates the two cases.
+            chex.assert_trees_all_close(updates, updates_no_decay, rtol=1e-4, atol=1e-7)
+            assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(
+                jax.tree.leaves(updates), jax.tree.leaves(updates_same)))
+        state = new_state
         params = optax.apply_updates(params, updates)
         history.append(params)
     # lr = 0 from step 4 on: nothing moves (SING's Lookahead sync at step 5 still pulls

@@ -102,6 +102,11 @@ def test_rt_training_keeps_the_spherical_structure(name):
         factors = jnp.exp(jax.random.uniform(sub, kernel.shape[-1:], minval=-1.0, maxval=1.0))
         rescaled[conv] = {"kernel": kernel * factors}
     np.testing.assert_allclose(apply(rescaled), reference, rtol=2e-3, atol=2e-3)
+    # That invariance is the architecture's (it holds for any weights), which is what
+    # lets RT treat the conv kernels as spheres; the tolerance above is tight enough to
+    # see a rescaling the model is not invariant to, the head's output channels.
+    head = dict(rescaled, head=dict(params["head"], kernel=params["head"]["kernel"] * 1.5))
+    assert np.max(np.abs(np.asarray(apply(head) - reference))) > 10 * 2e-3
 
     # And the transported momentum is tangent to each conv channel's sphere.
     opt_state = nnx.as_pure(optimizer.opt_state)
