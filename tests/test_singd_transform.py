@@ -236,6 +236,52 @@ def test_clear_errors_for_bad_input():
         tx.update(params, state, params, singd_stats={})
     with pytest.warns(UserWarning, match="kfac_like=True ignores alpha1"):
         sing_jax.singd(kfac_like=True, alpha1=0.5).init(params)
+    for bad in ("int32", jnp.int8, 0.0, "nonsense", ("float32",)):
+        with pytest.raises(ValueError, match="preconditioner_dtype must be a floating dtype"):
+            sing_jax.singd(preconditioner_dtype=bad)
+    with pytest.raises(ValueError, match="block_size=0 is not allowed; expected an int >= 1"):
+        sing_jax.singd(structures=(S.structure("block_diagonal", block_size=0), "dense"))
+    with pytest.warns(UserWarning, match="pattern 'encoder' matches no layer path"):
+        sing_jax.singd(layer_overrides={"encoder": {"T": 2}}).init(params)
+    # A state from another model names the layer that changed and how.
+    other_model = nnx.state(Net(nnx.Rngs(0), strides=1), nnx.Param)
+    other_model["head"] = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match=r"'head' has kernel_shape \(3, 2\) -> \(3, 4\)"):
+        tx.update(other_model, state, other_model, singd_stats={})
+
+
+@quiet
+def test_overrides_none_wins_over_values_wherever_it_comes():
+    params, _, _ = raw_captures()
+    for overrides in ({"head": None, "he": {"T": 3}}, {"he": {"T": 3}, "head": None}):
+        state = sing_jax.singd(layer_overrides=overrides).init(params)
+        assert [lp.config.path for lp in state.layers] == ["conv"]
+    state = sing_jax.singd(layer_overrides={"": {"T": 2}, "head": {"T": 3}}).init(params)
+    assert [lp.config.T for lp in state.layers] == [2, 3]  # the later value wins
+
+
+@quiet
+def test_inject_hyperparams_with_static_structure_arguments():
+    params, grads, caps = raw_captures()
+    injected = optax.inject_hyperparams(sing_jax.singd, static_args=("T", "alpha1"))(
+        learning_rate=0.1, momentum=0.0, T=1)
+    plain = sing_jax.singd(0.1, momentum=0.0, T=1)
+    update = jax.jit(injected.update)
+    state, plain_state = injected.init(params), plain.init(params)
+    got, state = update(grads, state, params, singd_stats=caps)
+    want, plain_state = plain.update(grads, plain_state, params, singd_stats=caps)
+    np.testing.assert_allclose(got["head"]["kernel"][...], want["head"]["kernel"][...],
+                               rtol=1e-5)
+    # Changing the injected learning rate changes the next step in proportion.
+    state.hyperparams["learning_rate"] = jnp.asarray(0.3, jnp.float32)
+    got, _ = update(grads, state, params, singd_stats=caps)
+    want, _ = plain.update(grads, plain_state, params, singd_stats=caps)
+    np.testing.assert_allclose(got["head"]["kernel"][...], 3 * want["head"]["kernel"][...],
+                               rtol=1e-5)
+    # Without static T the traced value cannot set the refresh period: a clear error.
+    not_static = optax.inject_hyperparams(sing_jax.singd)(learning_rate=0.1)
+    with pytest.raises(TypeError, match=r"T decides the state's structure.*static_args"):
+        jax.jit(not_static.update)(grads, not_static.init(params), params, singd_stats=caps)
 
 
 # --- IKFAC tracks the running average of A^T A + damping -----------------------------------

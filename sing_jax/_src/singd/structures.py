@@ -951,6 +951,13 @@ def structure(name: str | StructureSpec, **options: Any) -> StructureSpec:
         raise ValueError(
             f"structure {key!r} got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}"
         )
+    for option in ("block_size", "k1", "k2"):
+        value = options.get(option)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                  or value < 1):
+            raise ValueError(
+                f"structure {key!r}: {option}={value!r} is not allowed; expected an int >= 1"
+            )
     return StructureSpec(key, tuple(sorted(options.items())))
 
 

@@ -82,6 +82,11 @@ _OVERRIDABLE = (
 )
 
 
+# A dtype instance, not the class jnp.float32: optax.inject_hyperparams would take the
+# callable class for a schedule.
+_FLOAT32 = jnp.dtype(jnp.float32)
+
+
 # -- static records ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LayerConfig:
@@ -202,8 +207,29 @@ def _value(x: ScalarOrSchedule, count: Array) -> Array:
     return x(count) if callable(x) else jnp.asarray(x)
 
 
-def _check_nonneg(name: str, value: Any, where: str) -> None:
+def _as_number(name: str, value: Any, where: str, *, static: bool = False) -> Any:
+    """A Python number from a number or a concrete 0-d array; tracers pass unless static.
+
+    ``optax.inject_hyperparams`` hands numeric hyper-parameters over as arrays (traced
+    inside ``jit``); the ones that shape the state or the program must stay static.
+    """
     if callable(value):
+        return value
+    if isinstance(value, jax.core.Tracer):
+        if static:
+            raise TypeError(
+                f"{where}{name} decides the state's structure and must be a concrete number, "
+                f"got a traced value; under optax.inject_hyperparams pass "
+                f"static_args=({name!r}, ...)"
+            )
+        return value
+    if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) == 0:
+        return value.item()
+    return value
+
+
+def _check_nonneg(name: str, value: Any, where: str) -> None:
+    if callable(value) or isinstance(value, jax.core.Tracer):
         return
     if not isinstance(value, int | float | np.floating | np.integer) or value < 0:
         raise ValueError(f"{where}{name} must be a non-negative number or schedule, got {value!r}")
@@ -401,7 +427,7 @@ def singd(
     loss_average: str | None = "batch",
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
-    preconditioner_dtype: Any = jnp.float32,
+    preconditioner_dtype: Any = _FLOAT32,
     other: optax.GradientTransformation | None = _DEFAULT_OTHER,
     layer_overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
     axis_name: str | None = None,
@@ -434,8 +460,10 @@ def singd(
         a pair for ``(K, C)``.
       other: optax transform for parameters outside supported layers; None freezes them.
       layer_overrides: ``{regex: {hyper-parameter: value} or None}`` matched with
-        ``re.search`` on layer paths (``"block/0/linear"``); all matching patterns apply
-        in order (later wins); None sends the layer to ``other``. Overridable:
+        ``re.search`` on layer paths (``"block/0/linear"``); the values of all matching
+        patterns apply in order (a later pattern's value wins), and a matching None,
+        wherever it comes, sends the layer to ``other``. A pattern that matches no
+        layer is reported with a warning at ``init``. Overridable:
         ``learning_rate, momentum, damping, alpha1, weight_decay, lr_cov, structures,
         kfac_approx, loss_average, kfac_like, normalize_lr_cov, preconditioner_dtype, T``.
       axis_name: with raw captures, average ``H_K, H_C`` over this mapped axis.
@@ -467,13 +495,22 @@ def singd(
     other_tx = optax.with_extra_args_support(other) if other is not None else None
 
     def resolve(path: str) -> dict[str, Any] | None:
+        matching = [override for pattern, override in layer_overrides.items()
+                    if re.search(pattern, path)]
+        if any(override is None for override in matching):
+            return None
         hp = dict(defaults)
-        for pattern, override in layer_overrides.items():
-            if re.search(pattern, path):
-                if override is None:
-                    return None
-                hp.update(override)
+        for override in matching:
+            hp.update(override)
         return hp
+
+    def warn_unmatched_overrides(paths: list[str]) -> None:
+        layer_paths = [p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == "kernel"]
+        for pattern in layer_overrides:
+            if not any(re.search(pattern, path) for path in layer_paths):
+                warnings.warn(
+                    f"SINGD layer_overrides: pattern {pattern!r} matches no layer path "
+                    f"(layer paths look like {layer_paths[:3]})", stacklevel=3)
 
     def registration(params: Any):
         paths, leaves, _ = _leaf_paths(params)
@@ -531,6 +568,7 @@ def singd(
 
     def init_fn(params: Any) -> SINGDState:
         layers, other_idx, paths = registration(params)
+        warn_unmatched_overrides(paths)
         _, leaves, _ = _leaf_paths(params)
         precs, bufs, rows = [], [], []
         for cfg, hyper, ki, bi in layers:
@@ -560,8 +598,21 @@ def singd(
         if len(layers) != len(state.layers) or any(
             cfg != lp.config for (cfg, *_), lp in zip(layers, state.layers, strict=False)
         ):
-            raise ValueError("the gradient tree does not match the tree SINGD was initialized "
-                             "with (different layers or shapes)")
+            now = {cfg.path: cfg for cfg, *_ in layers}
+            before = {lp.config.path: lp.config for lp in state.layers}
+            differences = (
+                [f"{p!r} is new" for p in now if p not in before]
+                + [f"{p!r} is missing" for p in before if p not in now]
+                + [f"{p!r} has " + ", ".join(
+                    f"{f.name} {getattr(before[p], f.name)!r} -> {getattr(now[p], f.name)!r}"
+                    for f in dataclasses.fields(LayerConfig)
+                    if getattr(before[p], f.name) != getattr(now[p], f.name))
+                   for p in now if p in before and now[p] != before[p]])
+            raise ValueError(
+                "the gradient tree does not match the tree SINGD was initialized with: "
+                + "; ".join(differences[:5] or ["the layers come in another order"])
+                + ". Re-initialise the optimizer state for this model."
+            )
         g_leaves, treedef = jax.tree.flatten(updates)
         p_leaves = jax.tree.leaves(params) if params is not None else None
         if singd_stats is None and layers:
@@ -638,7 +689,12 @@ def singd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _validate(hp: Mapping[str, Any], where: str) -> None:
+def _validate(hp: dict[str, Any], where: str) -> None:
+    """Checks the hyper-parameters of one layer; turns concrete 0-d arrays into numbers."""
+    for name in ("learning_rate", "lr_cov", "momentum", "damping", "weight_decay"):
+        hp[name] = _as_number(name, hp[name], where)
+    for name in ("T", "alpha1"):
+        hp[name] = _as_number(name, hp[name], where, static=True)
     period = hp["T"]
     if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
         raise ValueError(f"{where}T must be a positive int, got {period!r}")
@@ -658,6 +714,28 @@ def _validate(hp: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}structures must be a (K, C) pair, got {s!r}")
     for x in s:
         structures_lib.structure(x)
+    _check_preconditioner_dtype(hp["preconditioner_dtype"], where)
+
+
+def _check_preconditioner_dtype(value: Any, where: str) -> None:
+    pair = value if isinstance(value, tuple | list) else (value,)
+    hint = ""
+    if isinstance(value, int | float | jax.Array | np.ndarray):
+        hint = (" (optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a "
+                "schedule: pass static_args=('preconditioner_dtype', ...))")
+    ok = len(pair) in (1, 2) if isinstance(value, tuple | list) else True
+    for dt in pair:
+        if dt is None:
+            continue
+        try:
+            ok = ok and bool(jnp.issubdtype(jnp.dtype(dt), jnp.floating))
+        except TypeError:
+            ok = False
+    if not ok or (isinstance(value, tuple | list) and len(pair) != 2):
+        raise ValueError(
+            f"{where}preconditioner_dtype must be a floating dtype (e.g. jnp.float32), None "
+            f"(the kernel's dtype) or a (K, C) pair of those; got {value!r}{hint}"
+        )
 
 
 # -- the train-step helper -------------------------------------------------------------------
