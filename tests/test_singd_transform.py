@@ -444,6 +444,38 @@ def test_four_devices_equal_one_device_under_shard_map_and_jit():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_raw_captures_are_averaged_by_the_transform_under_shard_map():
+    # Without opt_state the helper returns per-device layer inputs and output
+    # gradients; singd(axis_name=...) averages the curvature built from them.
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+
+    def make_raw_step(tx, graphdef, axis_name=None):
+        def step(params, rest, opt_state, x, y):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            (loss, grads), captures = sing_jax.singd_value_and_grad(
+                loss_fn, model, x, y, axis_name=axis_name)
+            updates, opt_state = tx.update(grads, opt_state, params, singd_stats=captures)
+            return optax.apply_updates(params, updates), opt_state, loss
+        return step
+
+    kwargs = dict(learning_rate=0.05, T=1, lr_cov=0.05, structures=("dense", "diagonal"))
+    tx_single, tx_sharded = sing_jax.singd(**kwargs), sing_jax.singd(**kwargs, axis_name="data")
+    graphdef, params, rest, state = setup(tx_single)
+    x, y = batch(n=8)
+    single = jax.jit(make_raw_step(tx_single, graphdef))
+    sharded = jax.jit(jax.shard_map(
+        make_raw_step(tx_sharded, graphdef, axis_name="data"), mesh=mesh,
+        in_specs=(P(), P(), P(), P("data"), P("data")), out_specs=P(), check_vma=False))
+    p1, s1, p4, s4 = params, state, params, state
+    for _ in range(2):
+        p1, s1, l1 = single(p1, rest, s1, x, y)
+        p4, s4, l4 = sharded(p4, rest, s4, x, y)
+        np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((p1, s1.layers)), jax.tree.leaves((p4, s4.layers)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @quiet
 def test_four_devices_equal_one_device_under_pmap():
     devices = jax.devices()[:4]

@@ -466,7 +466,8 @@ def singd(
         layer is reported with a warning at ``init``. Overridable:
         ``learning_rate, momentum, damping, alpha1, weight_decay, lr_cov, structures,
         kfac_approx, loss_average, kfac_like, normalize_lr_cov, preconditioner_dtype, T``.
-      axis_name: with raw captures, average ``H_K, H_C`` over this mapped axis.
+      axis_name: with raw captures (``singd_value_and_grad`` without ``opt_state``),
+        average ``H_K, H_C`` over this mapped axis.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -763,9 +764,13 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
     is done at all.
     Without ``opt_state`` the raw per-layer captures are returned (always captured).
 
-    With ``axis_name`` (inside ``shard_map``/``pmap``) the loss, the gradients and the
-    statistics are averaged over that axis (statistics of ``loss_average=None`` layers
-    are summed). Under plain ``jit`` with a sharded batch no collective is needed.
+    With ``axis_name`` (inside ``shard_map``/``pmap``) the loss and the gradients are
+    averaged over that axis, and so are the curvature statistics computed with
+    ``opt_state`` (summed for ``loss_average=None`` layers). Raw captures (no
+    ``opt_state``) are per-device layer inputs and output gradients, which cannot be
+    averaged as such: give ``singd(axis_name=...)`` the same axis and it averages the
+    curvature it builds from them. Under plain ``jit`` with a sharded batch no
+    collective is needed.
 
     Returns:
       ``(value, grads), stats``; ``value`` is ``loss`` or ``(loss, aux)``.
