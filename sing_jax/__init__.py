@@ -49,6 +49,7 @@ from sing_jax._src.singd import (
     capture_value_and_grad,
     singd,
     singd_curvature,
+    singd_multi_steps,
     singd_report,
     singd_value_and_grad,
 )

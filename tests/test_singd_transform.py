@@ -129,19 +129,36 @@ def test_bf16_model_trains_without_nans_with_float32_preconditioners():
 
 
 @quiet
-def test_works_under_multisteps():
-    inner = sing_jax.singd(0.05, T=1)
-    tx = optax.MultiSteps(inner, every_k_schedule=2)
-    graphdef, params, rest, state = setup(tx)
-    step = jax.jit(make_step(tx, graphdef))
-    x, y = batch()
-    p1, rest, state, _ = step(params, rest, state, x, y)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
-                                                    jax.tree.leaves(p1), strict=True))
-    p2, rest, state, _ = step(p1, rest, state, x, y)
-    assert not np.allclose(p2["head"]["kernel"][...], params["head"]["kernel"][...])
-    assert int(state.inner_opt_state.count) == 1
-    assert step._cache_size() == 1
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_singd_multi_steps_equals_one_big_batch_and_plain_multisteps_does_not(kfac_like):
+    kwargs = dict(learning_rate=0.05, T=1, lr_cov=0.1, kfac_like=kfac_like,
+                  alpha1=0.0 if kfac_like else 0.5)
+    big = sing_jax.singd(**kwargs)
+    graphdef, params, rest, big_state = setup(big)
+    x, y = batch(n=8)
+    p_big, _, big_state, _ = jax.jit(make_step(big, graphdef))(params, rest, big_state, x, y)
+
+    def two_micro_steps(tx):
+        state = tx.init(params)
+        step = jax.jit(make_step(tx, graphdef))
+        p, r = params, rest
+        for sl in (slice(0, 4), slice(4, 8)):
+            p, r, state, _ = step(p, r, state, x[sl], y[sl])
+        assert step._cache_size() == 1
+        return p, state
+
+    p_acc, acc_state = two_micro_steps(sing_jax.singd_multi_steps(sing_jax.singd(**kwargs), 2))
+    for a, b in zip(jax.tree.leaves(p_big), jax.tree.leaves(p_acc), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    acc_layers = acc_state.inner.inner_opt_state.layers
+    for a, b in zip(big_state.layers, acc_layers, strict=True):
+        np.testing.assert_allclose(a.k.to_dense(), b.k.to_dense(), rtol=1e-5, atol=1e-7)
+    # The sums start again from zero after the step.
+    assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(acc_state.acc_stats))
+    # optax.MultiSteps alone refreshes K from the last micro-batch only.
+    _, plain_state = two_micro_steps(optax.MultiSteps(sing_jax.singd(**kwargs), 2))
+    assert not np.allclose(plain_state.inner_opt_state.layers[1].k.to_dense(),
+                           big_state.layers[1].k.to_dense(), rtol=1e-5, atol=1e-7)
 
 
 # --- other parameters, overrides, report --------------------------------------------------

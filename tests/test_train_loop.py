@@ -146,3 +146,16 @@ def test_pmap_run_with_grad_norms_writes_every_output(tmp_path):
 def test_validate_accepts_every_default():
     validate_config(default_config())
     validate_config({"num_epochs": 2, "logging": {"plot": False}})  # partial configs are fine
+
+
+def test_singd_with_gradient_accumulation_sums_statistics_over_micro_batches(tmp_path):
+    from sing_jax._src.singd.transform import SINGDMultiStepsState
+    params = {"dense": {"kernel": jax.numpy.ones((3, 2)), "bias": jax.numpy.zeros(2)}}
+    tx = optimizers.build_optimizer(dict(name="singd", learning_rate=0.05, grad_accum_steps=2),
+                                    0.05, params)
+    # Not optax.MultiSteps, which would refresh K, C from the last micro-batch only.
+    assert isinstance(tx.init(params), SINGDMultiStepsState)
+    c = _tiny()
+    c.optimizer = dict(name="singd", learning_rate=0.05, T=2, grad_accum_steps=2)
+    summary = train_and_evaluate(c, str(tmp_path), quiet=True)
+    assert summary.steps > 0 and np.isfinite(summary.final_test_accuracy)

@@ -193,7 +193,10 @@ def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params:
     accum = int(cfg.get("grad_accum_steps", 1) or 1)
     if accum < 1:
         raise ValueError(f"config.optimizer.grad_accum_steps={accum}; expected an int >= 1")
-    if accum > 1:
+    if accum > 1 and name == "singd":
+        # optax.MultiSteps would refresh SINGD's factors from the last micro-batch only.
+        tx = sing_jax.singd_multi_steps(tx, every_k_schedule=accum)
+    elif accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
     return tx
 

@@ -34,6 +34,7 @@ from sing_jax._src.singd.transform import (
     natural_gradient,
     singd,
     singd_curvature,
+    singd_multi_steps,
     singd_report,
     singd_value_and_grad,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "output_grad_matrix",
     "singd",
     "singd_curvature",
+    "singd_multi_steps",
     "singd_report",
     "singd_value_and_grad",
     "structure",

@@ -352,6 +352,62 @@ def accumulate_singd_stats(*stats: Mapping[str, LayerCurvature]) -> dict[str, La
     return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *stats)
 
 
+class SINGDMultiStepsState(NamedTuple):
+    """State of :func:`singd_multi_steps`: the statistics summed so far, and
+    ``optax.MultiSteps``' own state."""
+
+    acc_stats: dict[str, LayerCurvature]
+    inner: optax.MultiStepsState
+
+
+def singd_multi_steps(tx: optax.GradientTransformation,
+                      every_k_schedule: int | Callable[[Array], Array],
+                      ) -> optax.GradientTransformationExtraArgs:
+    r"""``optax.MultiSteps`` for an optimizer containing :func:`singd`.
+
+    ``optax.MultiSteps`` averages the gradients of ``k`` micro-batches but hands the
+    inner optimizer only the *last* micro-batch's extra arguments, so SINGD would
+    refresh ``K, C`` from ``1/k`` of the batch. This wrapper also sums the per-layer
+    statistics :math:`H_K, H_C` over the micro-steps (:func:`accumulate_singd_stats`)
+    and passes the sum on the ``k``-th, where the update averages it: the step equals
+    one big batch for INGD and IKFAC alike.
+
+    ``update(grads, state, params, singd_stats=...)`` needs the
+    :class:`LayerCurvature` statistics of :func:`singd_value_and_grad` called with
+    ``opt_state`` (the whole state of this wrapper); raw captures cannot be summed.
+    """
+    multi = optax.MultiSteps(tx, every_k_schedule)
+
+    def zero_stats(inner_state: Any) -> dict[str, LayerCurvature]:
+        return {lp.config.path: zero_curvature(lp)
+                for lp in _find_singd_state(inner_state).layers}
+
+    def init_fn(params: Any) -> SINGDMultiStepsState:
+        inner = multi.init(params)
+        return SINGDMultiStepsState(zero_stats(inner), inner)
+
+    def update_fn(updates: Any, state: SINGDMultiStepsState, params: Any = None,
+                  singd_stats: Mapping[str, Any] | None = None, **extra_args: Any):
+        if singd_stats is None:
+            raise ValueError("singd_multi_steps needs singd_stats=... on every micro-step")
+        raw = sorted(path for path, st in singd_stats.items()
+                     if not isinstance(st, LayerCurvature))
+        if raw:
+            raise TypeError(
+                f"singd_multi_steps sums LayerCurvature statistics, got raw captures for "
+                f"{raw}: call singd_value_and_grad(..., opt_state=state) so that they "
+                "are computed with the current factors"
+            )
+        summed = accumulate_singd_stats(state.acc_stats, dict(singd_stats))
+        new_updates, inner = multi.update(updates, state.inner, params,
+                                          singd_stats=summed, **extra_args)
+        applied = inner.mini_step == 0  # the inner optimizer just took its step
+        summed = jax.tree.map(lambda a: jnp.where(applied, jnp.zeros_like(a), a), summed)
+        return new_updates, SINGDMultiStepsState(summed, inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 # -- the transform ----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _LayerHyper:
