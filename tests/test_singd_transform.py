@@ -572,3 +572,72 @@ def test_value_and_grad_with_nnx_optimizer_state_and_batchnorm_under_jit():
         losses = [float(step(model, optimizer, x, y)) for _ in range(4)]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert float(jnp.abs(model.bn.mean[...]).max()) > 0
+
+
+# --- layers SINGD does not precondition -------------------------------------------------------
+class SharedAndConv1D(nnx.Module):
+    """A Linear called twice and a 1-D conv: neither fits SINGD's Kronecker factors."""
+
+    def __init__(self, rngs):
+        self.conv1d = nnx.Conv(2, 3, (3,), rngs=rngs)
+        self.shared = nnx.Linear(3, 3, rngs=rngs)
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):  # x: (batch, length, 2)
+        h = jax.nn.relu(self.conv1d(x)).mean(axis=1)
+        return self.head(self.shared(jax.nn.relu(self.shared(h))))
+
+
+@quiet
+def test_layers_excluded_by_overrides_pass_through_the_capture():
+    model = SharedAndConv1D(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8, 5, 2))
+    y = jax.random.normal(jax.random.key(1), (8, 2))
+    with pytest.raises(ValueError, match="'conv1d': SINGD supports 2-D nnx.Conv only"):
+        sing_jax.singd_value_and_grad(loss_fn, model, x, y)
+    with pytest.raises(ValueError, match="'shared' was called more than once"):
+        sing_jax.singd_value_and_grad(loss_fn, model, x, y, layers=["shared", "head"])
+    tx = sing_jax.singd(0.1, T=1, layer_overrides={"shared": None, "conv1d": None},
+                        other=optax.sgd(0.1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = tx.init(params)
+    assert [lp.config.path for lp in state.layers] == ["head"]
+    step = jax.jit(make_step(tx, graphdef))
+    new_params, _, state, loss = step(params, rest, state, x, y)
+    assert np.isfinite(float(loss))
+    for name in ("shared", "conv1d", "head"):  # trained by `other` and by SINGD
+        assert not np.allclose(new_params[name]["kernel"][...], params[name]["kernel"][...])
+    # Raw captures can be restricted the same way.
+    _, captures = sing_jax.singd_value_and_grad(loss_fn, model, x, y, layers=["head"])
+    assert list(captures) == ["head"]
+
+
+def test_an_unbatched_example_is_a_batch_of_one():
+    linear = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3,))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))  # noqa: E731
+    _, _, single = sing_jax.capture_value_and_grad(loss, linear, x)
+    _, _, batched = sing_jax.capture_value_and_grad(loss, linear, x[None])
+    for kind in ("input_matrix", "output_grad_matrix"):
+        got = getattr(capture_lib, kind)(single[""])
+        want = getattr(capture_lib, kind)(batched[""])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_layers_inside_transforms_get_clear_errors():
+    class Remat(nnx.Module):
+        def __init__(self, rngs):
+            self.inner = nnx.Linear(2, 2, rngs=rngs)
+            self.head = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.remat(lambda m, x: m(x))(self.inner, x))
+
+    model = Remat(nnx.Rngs(0))
+    x, y = jnp.ones((4, 2)), jnp.zeros((4, 2))
+    state = sing_jax.singd(0.1, T=1).init(nnx.state(model, nnx.Param))
+    with pytest.raises(ValueError, match=r"'inner'.*nnx.remat.*layer_overrides=\{'inner': None\}"):
+        sing_jax.singd_value_and_grad(loss_fn, model, x, y, opt_state=state)
+    per_example = lambda m, x, y: jnp.mean(jax.vmap(lambda a: m(a))(x) - y)  # noqa: E731
+    with pytest.raises(ValueError, match=r"inside a JAX transform.*jax.vmap"):
+        sing_jax.singd_value_and_grad(per_example, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), x, y)

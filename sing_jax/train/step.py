@@ -179,12 +179,15 @@ def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
     """
     from sing_jax import singd_curvature
     from sing_jax._src.singd.capture import functional_value_and_grad
+    from sing_jax._src.singd.transform import _find_singd_state
+
+    registered = [lp.config.path for lp in _find_singd_state(state.opt_state).layers]
 
     def run(capture: bool):
         # Plain-array model state: every merge builds fresh variables inside this trace.
         (loss, sums), grads, captures, new_rest = functional_value_and_grad(
             forward, state.graphdef, state.params, state.model_state, (), {},
-            has_aux=True, capture=capture)
+            has_aux=True, capture=capture, only=registered)
         grads = grads.to_pure_dict() if hasattr(grads, "to_pure_dict") else grads
         new_rest = new_rest.to_pure_dict() if hasattr(new_rest, "to_pure_dict") else new_rest
         return grads, sums, new_rest, captures

@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -628,8 +628,12 @@ def _warn_unsupported(model: nnx.Module) -> None:
 
 
 def _forward(loss_fn: Callable, has_aux: bool, args: tuple, kwargs: dict,
-             model: nnx.Module, perturbations: dict[str, Array] | None):
-    paths = {id(m): p for p, m in supported_layer_paths(model).items()}
+             model: nnx.Module, perturbations: dict[str, Array] | None,
+             only: Collection[str] | None = None):
+    # Layers outside `only` (e.g. excluded from SINGD by an override) run untouched: a
+    # shared layer called twice, or an unsupported kind of Conv, is then no error.
+    paths = {id(m): p for p, m in supported_layer_paths(model).items()
+             if only is None or p in only}
     rec = _Recorder(paths, perturbations)
     with _recording(rec):
         result = loss_fn(model, *args, **kwargs)
@@ -639,11 +643,12 @@ def _forward(loss_fn: Callable, has_aux: bool, args: tuple, kwargs: dict,
 
 def functional_value_and_grad(loss_fn: Callable, graphdef: Any, params: Any, rest: Any,
                               args: tuple, kwargs: dict, *, has_aux: bool = False,
-                              capture: bool = True):
+                              capture: bool = True, only: Collection[str] | None = None):
     """Pure core of :func:`capture_value_and_grad` on a split model.
 
     Returns ``(value, grads, captures, new_rest)``; ``captures`` is empty when
-    ``capture`` is False (a plain ``value_and_grad``, no capture work at all).
+    ``capture`` is False (a plain ``value_and_grad``, no capture work at all). With
+    ``only``, just the layers with those paths are captured.
     """
     if not capture:
         def plain(params, rest):
@@ -659,28 +664,44 @@ def functional_value_and_grad(loss_fn: Callable, graphdef: Any, params: Any, res
 
     def probe(params, rest):
         m = nnx.merge(graphdef, params, rest, copy=True)
-        _, _, rec = _forward(loss_fn, has_aux, args, kwargs, m, None)
+        _, _, rec = _forward(loss_fn, has_aux, args, kwargs, m, None, only)
         holder["infos"] = rec.infos
         return {k: jnp.zeros(v.shape, v.dtype) for k, v in rec.out_shapes.items()}
 
-    # abstract trace: which layers run and their output shapes (no compute)
-    out_shapes = jax.eval_shape(probe, params, rest)
-    infos: dict[str, LayerInfo] = holder["infos"]
-    perturbations = {k: jnp.zeros(v.shape, v.dtype) for k, v in out_shapes.items()}
-
     def objective(params, perts, rest):
         m = nnx.merge(graphdef, params, rest, copy=True)
-        loss, aux, rec = _forward(loss_fn, has_aux, args, kwargs, m, perts)
+        loss, aux, rec = _forward(loss_fn, has_aux, args, kwargs, m, perts, only)
         return loss, (aux, rec.inputs, nnx.state(m, nnx.Not(nnx.Param)))
 
-    grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-    (loss, (aux, inputs, new_rest)), (grads, pert_grads) = grad_fn(params, perturbations, rest)
-    captures = {k: LayerCapture(inputs[k], pert_grads[k], infos[k]) for k in sorted(inputs)}
+    try:
+        # abstract trace: which layers run and their output shapes (no compute)
+        out_shapes = jax.eval_shape(probe, params, rest)
+        infos: dict[str, LayerInfo] = holder["infos"]
+        perturbations = {k: jnp.zeros(v.shape, v.dtype) for k, v in out_shapes.items()}
+        grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        (loss, (aux, inputs, new_rest)), (grads, pert_grads) = grad_fn(
+            params, perturbations, rest)
+        captures = {}
+        for k in sorted(inputs):
+            x, g = inputs[k], pert_grads[k]
+            # x.ndim comes first: on an input leaked out of a vmap it raises, here.
+            if x.ndim == 1 and infos[k].kind == "linear":
+                # One unbatched example: a batch of one (the last axis holds the features).
+                x, g = x[None], g[None]
+            captures[k] = LayerCapture(x, g, infos[k])
+    except jax.errors.UnexpectedTracerError as err:
+        raise ValueError(
+            "SINGD's capture saw a layer called inside a JAX transform of the forward pass "
+            "(jax.vmap, lax.scan, ...): its inputs cannot leave that transform. Call the "
+            "nnx.Linear/nnx.Conv layers on the whole batch, or exclude them with "
+            "layer_overrides={path: None} (and layers=[...] for raw captures)."
+        ) from err
     return ((loss, aux) if has_aux else loss), grads, captures, new_rest
 
 
 def capture_value_and_grad(loss_fn: Callable, model: nnx.Module, *args: Any,
-                           has_aux: bool = False, **kwargs: Any):
+                           has_aux: bool = False, layers: Collection[str] | None = None,
+                           **kwargs: Any):
     """Loss, parameter gradients and per-layer captures from one forward/backward pass.
 
     Args:
@@ -688,6 +709,8 @@ def capture_value_and_grad(loss_fn: Callable, model: nnx.Module, *args: Any,
         ``has_aux``) on any unmodified NNX model.
       model: the NNX model; its non-parameter state (batch stats, RNG counters) is
         updated in place like ``nnx.value_and_grad`` does.
+      layers: paths of the layers to capture (default: every ``nnx.Linear`` and
+        ``nnx.Conv``); the others run untouched.
 
     Returns:
       ``(value, grads, captures)``: ``value`` is ``loss`` or ``(loss, aux)``, ``grads``
@@ -697,6 +720,7 @@ def capture_value_and_grad(loss_fn: Callable, model: nnx.Module, *args: Any,
     _warn_unsupported(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     value, grads, captures, new_rest = functional_value_and_grad(
-        loss_fn, graphdef, params, rest, args, kwargs, has_aux=has_aux, capture=True)
+        loss_fn, graphdef, params, rest, args, kwargs, has_aux=has_aux, capture=True,
+        only=layers)
     nnx.update(model, new_rest)
     return value, grads, captures

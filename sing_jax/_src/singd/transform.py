@@ -46,7 +46,7 @@ import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -342,8 +342,11 @@ def _check_captured(state: SINGDState, captures: Mapping[str, Any]) -> None:
         if path not in captures:
             raise ValueError(
                 f"no statistics captured for registered layer {path!r}; captured: "
-                f"{sorted(captures)}. If it is not an nnx.Linear/nnx.Conv, exclude it with "
-                f"layer_overrides={{{path!r}: None}}"
+                f"{sorted(captures)}. Either the forward pass did not call it, or it was "
+                "called inside an NNX transform (nnx.remat, nnx.vmap, nnx.scan, ...), "
+                "which re-creates the module where the capture cannot see it, or it is "
+                "not an nnx.Linear/nnx.Conv. Exclude it with "
+                f"layer_overrides={{{path!r}: None}} to train it with `other`."
             )
 
 
@@ -805,7 +808,7 @@ def _concrete_int(x: Any) -> int | None:
 
 def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: Any = None,
                          has_aux: bool = False, axis_name: str | None = None,
-                         **kwargs: Any):
+                         layers: Collection[str] | None = None, **kwargs: Any):
     r"""One forward and one backward pass giving the loss, gradients and SINGD statistics.
 
     ``loss_fn(model, *args, **kwargs)`` runs an unmodified Flax NNX model (made of
@@ -819,6 +822,10 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
     them (``lax.cond`` under ``jit``), and when no layer is refreshed no capture work
     is done at all.
     Without ``opt_state`` the raw per-layer captures are returned (always captured).
+    Only the layers SINGD registered (with ``opt_state``), or those in ``layers``
+    (default: every ``nnx.Linear``/``nnx.Conv``), are captured; the others, e.g. a
+    layer excluded by ``layer_overrides`` because it is called twice or is a 1-D
+    conv, run untouched.
 
     With ``axis_name`` (inside ``shard_map``/``pmap``) the loss and the gradients are
     averaged over that axis, and so are the curvature statistics computed with
@@ -839,9 +846,13 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
         opt_state = nnx.as_pure(opt_state)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    if opt_state is not None and layers is None:
+        layers = [lp.config.path for lp in _find_singd_state(opt_state).layers]
+
     def run(capture: bool):
         return capture_lib.functional_value_and_grad(
-            loss_fn, graphdef, params, rest, args, kwargs, has_aux=has_aux, capture=capture)
+            loss_fn, graphdef, params, rest, args, kwargs, has_aux=has_aux, capture=capture,
+            only=layers)
 
     if opt_state is None:
         value, grads, stats, new_rest = run(True)
