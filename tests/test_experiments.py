@@ -117,3 +117,22 @@ def test_colab_quickstart_notebook_runs_tiny_on_cpu(tmp_path, monkeypatch):
         for cell in cells:
             if cell["cell_type"] == "code":
                 compile("".join(cell["source"]), name, "exec")
+
+
+def test_singd_example_trains_the_small_cnn_on_embedded_digits():
+    import warnings
+
+    import numpy as np
+
+    from experiments import singd_example
+
+    x_test, y_test = singd_example.digits_test_set()
+    assert x_test.shape[1:] == (8, 8, 1) and len(x_test) == len(y_test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, losses = singd_example.train(
+            "singd", singd_example.example_optimizers()["singd"], steps=120, batch=64)
+    # Its defaults used to diverge (lr_cov=0.05): the loss must fall from log(10).
+    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+    accuracy = float(np.mean(np.argmax(model(x_test), -1) == y_test))
+    assert accuracy > 0.8
