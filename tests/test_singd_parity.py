@@ -205,3 +205,131 @@ def test_block_diagonal_equals_dense_when_one_block_covers_and_reference_drifts(
     # the reference's block-diagonal (every dim in its remainder block) drifts from its own
     # dense result: it treats the non-symmetric K as symmetric
     assert drift > 1e-3, drift
+
+
+# --- a second net: the layer options and schedules the first one does not reach --------------
+S_IN, S_HW, S_BATCH = 4, 9, 5
+
+
+class JaxOptionsNet(nnx.Module):
+    """Strided grouped conv without bias, dilated VALID conv, a bias-free Linear applied
+    to every position of a (batch, positions, channels) array, and a Linear head."""
+
+    def __init__(self, dtype, rngs):
+        kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+        self.conv1 = nnx.Conv(S_IN, 6, (3, 3), strides=2, padding=1, feature_group_count=2,
+                              use_bias=False, **kw)
+        self.conv2 = nnx.Conv(6, 4, (2, 2), kernel_dilation=2, padding="VALID", **kw)
+        self.lin1 = nnx.Linear(4, 5, use_bias=False, **kw)
+        self.lin2 = nnx.Linear(5, 3, **kw)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
+        h = h.reshape(h.shape[0], -1, h.shape[-1])
+        return self.lin2(jax.nn.relu(self.lin1(h)).mean(axis=1))
+
+
+class TorchOptionsNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(S_IN, 6, 3, stride=2, padding=1, groups=2, bias=False)
+        self.conv2 = torch.nn.Conv2d(6, 4, 2, dilation=2, padding=0)
+        self.lin1 = torch.nn.Linear(4, 5, bias=False)
+        self.lin2 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        h = h.flatten(2).transpose(1, 2)
+        return self.lin2(torch.relu(self.lin1(h)).mean(1))
+
+
+OPTION_CONFIGS = {
+    "ingd_T3_alpha": dict(kfac_like=False, alpha1=0.5, T=3, normalize_lr_cov=False,
+                          lr_cov=1e-2, loss_average="batch", kfac_approx="expand",
+                          weight_decay=0.0, momentum=0.9),
+    "ingd_T2_alpha_reduce_seq": dict(kfac_like=False, alpha1=0.5, T=2, normalize_lr_cov=True,
+                                     lr_cov=5e-2, loss_average="batch+sequence",
+                                     kfac_approx="reduce", weight_decay=1e-3, momentum=0.9),
+    "ikfac_expand_T2": dict(kfac_like=True, alpha1=0.0, T=2, normalize_lr_cov=False,
+                            lr_cov=lr_cov_schedule, loss_average=None, kfac_approx="expand",
+                            weight_decay=0.0, momentum=0.5),
+}
+
+
+def run_options_net(ref_structure, our_structure, cfg, steps, x64, exclude=()):
+    tdtype, jdtype = (torch.float64, jnp.float64) if x64 else (torch.float32, jnp.float32)
+    torch.manual_seed(0)
+    tnet, jnet = TorchOptionsNet().to(tdtype), JaxOptionsNet(jdtype, nnx.Rngs(0))
+    names = ("conv1", "conv2", "lin1", "lin2")
+    for name in names:
+        tm, jm = getattr(tnet, name), getattr(jnet, name)
+        w = tm.weight.detach().numpy().copy()
+        jm.kernel[...] = jnp.asarray(w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T, jdtype)
+        if tm.bias is not None:
+            jm.bias[...] = jnp.asarray(tm.bias.detach().numpy().copy(), jdtype)
+    ref_params = [p for n, p in tnet.named_parameters() if n.split(".")[0] not in exclude]
+    ref = singd_ref.SINGD(tnet, params=ref_params, lr=0.1, damping=1e-3,
+                          structures=(ref_structure,) * 2, preconditioner_dtype=(None, None),
+                          **cfg)
+    # other=None freezes excluded layers, as the reference leaves out their parameters.
+    tx = sing_jax.singd(0.1, damping=1e-3, structures=(our_structure,) * 2,
+                        preconditioner_dtype=None, other=None,
+                        layer_overrides={f"^{name}$": None for name in exclude}, **cfg)
+    state = tx.init(nnx.state(jnet, nnx.Param))
+    rng = np.random.default_rng(0)
+    history = []
+    for _ in range(steps):
+        xb, yb = rng.normal(size=(S_BATCH, S_IN, S_HW, S_HW)), rng.normal(size=(S_BATCH, 3))
+        ref.zero_grad()
+        loss_torch(tnet(torch.tensor(xb, dtype=tdtype)), torch.tensor(yb, dtype=tdtype)).backward()
+        ref.step()
+        (_, grads), stats = sing_jax.singd_value_and_grad(
+            loss_jax, jnet, jnp.asarray(xb.transpose(0, 2, 3, 1), jdtype),
+            jnp.asarray(yb, jdtype), opt_state=state)
+        params = nnx.state(jnet, nnx.Param)
+        updates, state = tx.update(grads, state, params, singd_stats=stats)
+        nnx.update(jnet, optax.apply_updates(params, updates))
+        layers = {lp.config.path: lp for lp in state.layers}
+        snap = []
+        for name in names:
+            tm, jm = getattr(tnet, name), getattr(jnet, name)
+            if name in layers:
+                lp = layers[name]
+                snap += [(f"{name}.K", lp.k.to_dense(), ref.Ks[name].to_dense()),
+                         (f"{name}.C", lp.c.to_dense(), ref.Cs[name].to_dense())]
+                if lp.m_k is not None:
+                    snap += [(f"{name}.mK", lp.m_k.to_dense(), ref.m_Ks[name].to_dense()),
+                             (f"{name}.mC", lp.m_c.to_dense(), ref.m_Cs[name].to_dense())]
+            w = tm.weight.detach()
+            snap.append((f"{name}.kernel", jm.kernel[...],
+                         w.permute(2, 3, 1, 0) if w.ndim == 4 else w.T))
+            if tm.bias is not None:
+                snap.append((f"{name}.bias", jm.bias[...], tm.bias.detach()))
+        history.append([(n, np.asarray(a), b.numpy().copy()) for n, a, b in snap])
+    return history
+
+
+OPTION_CASES = [  # (reference structure, ours, config, float64, excluded layers)
+    ("dense", "dense", "ingd_T3_alpha", True, ()),
+    ("dense", "dense", "ingd_T2_alpha_reduce_seq", True, ()),
+    ("dense", "dense", "ikfac_expand_T2", True, ()),
+    ("diagonal", "diagonal", "ingd_T3_alpha", True, ()),
+    ("dense", "dense", "ingd_T3_alpha", True, ("conv2",)),
+    ("hierarchical15_15", "hierarchical", "ingd_T2_alpha_reduce_seq", False, ()),
+    ("triutoeplitz", "triu_toeplitz", "ikfac_expand_T2", False, ()),
+]
+
+
+@pytest.mark.parametrize(("ref_structure", "ours", "config", "x64", "exclude"), OPTION_CASES)
+def test_matches_pytorch_singd_on_strided_grouped_dilated_and_sequence_layers(
+        ref_structure, ours, config, x64, exclude):
+    cfg = OPTION_CONFIGS[config]
+    if x64:
+        with jax.enable_x64(True):
+            history = run_options_net(ref_structure, ours, cfg, steps=5, x64=True,
+                                      exclude=exclude)
+        assert_history_close(history, rtol=1e-9, atol=1e-11)
+    else:
+        history = run_options_net(ref_structure, ours, cfg, steps=5, x64=False,
+                                  exclude=exclude)
+        assert_history_close(history, rtol=2e-4, atol=2e-6)
