@@ -461,22 +461,25 @@ def test_four_devices_equal_one_device_under_shard_map_and_jit():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_raw_captures_are_averaged_by_the_transform_under_shard_map():
-    # Without opt_state the helper returns per-device layer inputs and output
-    # gradients; singd(axis_name=...) averages the curvature built from them.
+def make_raw_step(tx, graphdef, axis_name=None):
+    def step(params, rest, opt_state, x, y):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        (loss, grads), captures = sing_jax.singd_value_and_grad(
+            loss_fn, model, x, y, axis_name=axis_name)
+        updates, opt_state = tx.update(grads, opt_state, params, singd_stats=captures)
+        return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
+
+@pytest.mark.parametrize("transform_axis_name", [None, "data"])
+def test_raw_captures_are_averaged_over_the_helpers_axis_under_shard_map(transform_axis_name):
+    # Without opt_state the helper returns per-device layer inputs and output gradients
+    # tagged with its axis_name: the curvature built from them is averaged over that
+    # axis whether or not singd() was given it too.
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-
-    def make_raw_step(tx, graphdef, axis_name=None):
-        def step(params, rest, opt_state, x, y):
-            model = nnx.merge(graphdef, params, rest, copy=True)
-            (loss, grads), captures = sing_jax.singd_value_and_grad(
-                loss_fn, model, x, y, axis_name=axis_name)
-            updates, opt_state = tx.update(grads, opt_state, params, singd_stats=captures)
-            return optax.apply_updates(params, updates), opt_state, loss
-        return step
-
     kwargs = dict(learning_rate=0.05, T=1, lr_cov=0.05, structures=("dense", "diagonal"))
-    tx_single, tx_sharded = sing_jax.singd(**kwargs), sing_jax.singd(**kwargs, axis_name="data")
+    tx_single = sing_jax.singd(**kwargs)
+    tx_sharded = sing_jax.singd(**kwargs, axis_name=transform_axis_name)
     graphdef, params, rest, state = setup(tx_single)
     x, y = batch(n=8)
     single = jax.jit(make_raw_step(tx_single, graphdef))
@@ -491,6 +494,23 @@ def test_raw_captures_are_averaged_by_the_transform_under_shard_map():
     for a, b in zip(jax.tree.leaves((p1, s1.layers)), jax.tree.leaves((p4, s4.layers)),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_raw_captures_are_averaged_over_the_helpers_axis_under_pmap():
+    devices = jax.devices()[:2]
+    tx = sing_jax.singd(0.05, T=1, lr_cov=0.05)
+    graphdef, params, rest, state = setup(tx)
+    x, y = batch(n=8)
+    _, s1, _ = jax.jit(make_raw_step(tx, graphdef))(params, rest, state, x, y)
+    replicate = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jnp.broadcast_to(a, (len(devices),) + jnp.shape(a)), tree)
+    replicated = jax.pmap(make_raw_step(tx, graphdef, axis_name="data"), axis_name="data",
+                          devices=devices)
+    xs, ys = x.reshape((2, 4) + x.shape[1:]), y.reshape((2, 4) + y.shape[1:])
+    _, s2, _ = replicated(replicate(params), replicate(rest), replicate(state), xs, ys)
+    for a, b in zip(jax.tree.leaves(s1.layers), jax.tree.leaves(s2.layers), strict=True):
+        for device in range(len(devices)):  # every device holds the one-device factors
+            np.testing.assert_allclose(b[device], a, rtol=1e-4, atol=1e-6)
 
 
 @quiet

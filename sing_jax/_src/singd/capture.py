@@ -61,18 +61,24 @@ class LayerInfo:
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass
 class LayerCapture:
-    """The raw statistics of one layer: its input and the gradient w.r.t. its output."""
+    """The raw statistics of one layer: its input and the gradient w.r.t. its output.
+
+    ``axis_name``: the mapped axis (``shard_map``/``pmap``) these per-device captures
+    were taken under; the curvature built from them is averaged over it.
+    """
 
     inputs: Array
     output_grads: Array
     info: LayerInfo
+    axis_name: str | None = None
 
     def tree_flatten(self):
-        return (self.inputs, self.output_grads), self.info
+        return (self.inputs, self.output_grads), (self.info, self.axis_name)
 
     @classmethod
-    def tree_unflatten(cls, info, children):
-        return cls(children[0], children[1], info)
+    def tree_unflatten(cls, aux, children):
+        info, axis_name = aux
+        return cls(children[0], children[1], info, axis_name)
 
 
 def path_to_str(path: Sequence[Any]) -> str:

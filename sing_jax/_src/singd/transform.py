@@ -270,7 +270,8 @@ def singd_report(opt_state: Any) -> str:
 def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCapture,
                     axis_name: str | None = None) -> LayerCurvature:
     r""":math:`H_K = P_K(K^\top A^\top A K)`, :math:`H_C = P_C(C^\top G^\top G C)` of
-    one captured layer with the current factors (averaged over ``axis_name``)."""
+    one captured layer with the current factors (averaged over ``axis_name`` and over
+    the capture's own ``axis_name``)."""
     cfg = layer.config
     info = capture.info
     if info.kernel_shape != cfg.kernel_shape or info.has_bias != cfg.has_bias:
@@ -297,9 +298,10 @@ def layer_curvature(layer: LayerPreconditioner, capture: capture_lib.LayerCaptur
             capture_lib.input_matrix(capture, cfg.kfac_approx, dtype_k))
     h_c = layer.c.from_inner_rows(capture_lib.output_grad_matrix(
         capture, cfg.kfac_approx, cfg.loss_average, dtype_c))
-    if axis_name is not None:
+    axes = tuple(dict.fromkeys(a for a in (axis_name, capture.axis_name) if a is not None))
+    if axes:
         reduce = jax.lax.pmean if cfg.loss_average is not None else jax.lax.psum
-        h_k, h_c = reduce((h_k, h_c), axis_name)
+        h_k, h_c = reduce((h_k, h_c), axes)
     return LayerCurvature(h_k, h_c, jnp.ones((), jnp.float32))
 
 
@@ -526,7 +528,8 @@ def singd(
         ``learning_rate, momentum, damping, alpha1, weight_decay, lr_cov, structures,
         kfac_approx, loss_average, kfac_like, normalize_lr_cov, preconditioner_dtype, T``.
       axis_name: with raw captures (``singd_value_and_grad`` without ``opt_state``),
-        average ``H_K, H_C`` over this mapped axis.
+        average ``H_K, H_C`` over this mapped axis (captures taken with the helper's
+        ``axis_name`` are averaged over that axis without it).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -827,13 +830,13 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
     layer excluded by ``layer_overrides`` because it is called twice or is a 1-D
     conv, run untouched.
 
-    With ``axis_name`` (inside ``shard_map``/``pmap``) the loss and the gradients are
-    averaged over that axis, and so are the curvature statistics computed with
-    ``opt_state`` (summed for ``loss_average=None`` layers). Raw captures (no
-    ``opt_state``) are per-device layer inputs and output gradients, which cannot be
-    averaged as such: give ``singd(axis_name=...)`` the same axis and it averages the
-    curvature it builds from them. Under plain ``jit`` with a sharded batch no
-    collective is needed.
+    With ``axis_name`` (inside ``shard_map``/``pmap``) the loss, the gradients and the
+    curvature statistics are averaged over that axis (the statistics summed for
+    ``loss_average=None`` layers). Raw captures (no ``opt_state``) are per-device layer
+    inputs and output gradients, which cannot be averaged as such: they carry the axis
+    name, and the curvature ``singd``'s update (or :func:`singd_curvature`) builds from
+    them is averaged over it. Under plain ``jit`` with a sharded batch no collective is
+    needed.
 
     Returns:
       ``(value, grads), stats``; ``value`` is ``loss`` or ``(loss, aux)``.
@@ -889,7 +892,10 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
                                              else zero_curvature(lp))
     if axis_name is not None:
         value, grads = jax.lax.pmean((value, grads), axis_name)
-        if opt_state is not None:
+        if opt_state is None:
+            stats = {path: dataclasses.replace(cap, axis_name=axis_name)
+                     for path, cap in stats.items()}
+        else:
             reduced = {}
             for lp in _find_singd_state(opt_state).layers:
                 op = jax.lax.pmean if lp.config.loss_average is not None else jax.lax.psum
