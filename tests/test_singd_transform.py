@@ -155,8 +155,9 @@ def test_singd_multi_steps_equals_one_big_batch_and_plain_multisteps_does_not(kf
         np.testing.assert_allclose(a.k.to_dense(), b.k.to_dense(), rtol=1e-5, atol=1e-7)
     # The sums start again from zero after the step.
     assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(acc_state.acc_stats))
-    # optax.MultiSteps alone refreshes K from the last micro-batch only.
-    _, plain_state = two_micro_steps(optax.MultiSteps(sing_jax.singd(**kwargs), 2))
+    # optax.MultiSteps alone refreshes K from the last micro-batch only, and says so.
+    with pytest.warns(UserWarning, match="use sing_jax.singd_multi_steps"):
+        _, plain_state = two_micro_steps(optax.MultiSteps(sing_jax.singd(**kwargs), 2))
     assert not np.allclose(plain_state.inner_opt_state.layers[1].k.to_dense(),
                            big_state.layers[1].k.to_dense(), rtol=1e-5, atol=1e-7)
 

@@ -809,6 +809,18 @@ def _concrete_int(x: Any) -> int | None:
         return None
 
 
+def _warn_plain_multisteps(opt_state: Any) -> None:
+    """Warns when SINGD sits in optax.MultiSteps without :func:`singd_multi_steps`."""
+    wrappers = jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState | SINGDMultiStepsState))
+    kinds = {type(w) for w in wrappers}
+    if optax.MultiStepsState in kinds and SINGDMultiStepsState not in kinds:
+        warnings.warn(
+            "SINGD is wrapped in optax.MultiSteps, which hands it only the last "
+            "micro-batch's statistics: use sing_jax.singd_multi_steps(tx, k) to sum them "
+            "over the micro-batches", stacklevel=3)
+
+
 def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: Any = None,
                          has_aux: bool = False, axis_name: str | None = None,
                          layers: Collection[str] | None = None, **kwargs: Any):
@@ -849,6 +861,8 @@ def singd_value_and_grad(loss_fn: Callable, model: Any, *args: Any, opt_state: A
         opt_state = nnx.as_pure(opt_state)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    if opt_state is not None:
+        _warn_plain_multisteps(opt_state)
     if opt_state is not None and layers is None:
         layers = [lp.config.path for lp in _find_singd_state(opt_state).layers]
 
