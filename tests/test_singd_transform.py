@@ -432,6 +432,13 @@ def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure,
 
 # --- data parallelism ------------------------------------------------------------------------
 @quiet
+def over_data_shards(step, mesh):
+    """``step(params, rest, opt_state, x, y)`` jitted with the batch split over 'data'."""
+    return jax.jit(jax.shard_map(step, mesh=mesh,
+                                 in_specs=(P(), P(), P(), P("data"), P("data")),
+                                 out_specs=P(), check_vma=False))
+
+
 def test_four_devices_equal_one_device_under_shard_map_and_jit():
     devices = np.array(jax.devices()[:4])
     assert len(devices) == 4
@@ -440,9 +447,7 @@ def test_four_devices_equal_one_device_under_shard_map_and_jit():
     graphdef, params, rest, state = setup(tx)
     x, y = batch(n=8)
     single = jax.jit(make_step(tx, graphdef))
-    sharded = jax.jit(jax.shard_map(
-        make_step(tx, graphdef, axis_name="data"), mesh=mesh,
-        in_specs=(P(), P(), P(), P("data"), P("data")), out_specs=P(), check_vma=False))
+    sharded = over_data_shards(make_step(tx, graphdef, axis_name="data"), mesh)
     p1, r1, s1 = params, rest, state
     p4, r4, s4 = params, rest, state
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -484,9 +489,7 @@ def test_raw_captures_are_averaged_over_the_helpers_axis_under_shard_map(transfo
     graphdef, params, rest, state = setup(tx_single)
     x, y = batch(n=8)
     single = jax.jit(make_raw_step(tx_single, graphdef))
-    sharded = jax.jit(jax.shard_map(
-        make_raw_step(tx_sharded, graphdef, axis_name="data"), mesh=mesh,
-        in_specs=(P(), P(), P(), P("data"), P("data")), out_specs=P(), check_vma=False))
+    sharded = over_data_shards(make_raw_step(tx_sharded, graphdef, axis_name="data"), mesh)
     p1, s1, p4, s4 = params, state, params, state
     for _ in range(2):
         p1, s1, l1 = single(p1, rest, s1, x, y)
