@@ -99,6 +99,7 @@ def all_operations(a, b, x, sym):
     return dict(
         project=a.project(sym).to_dense(), matmul=a.matmul(b).to_dense(), matmat=a @ x,
         rmatmat=a.rmatmat(x), outer_matmat=a.outer_matmat(x),
+        right_outer_matmat=a.right_outer_matmat(x.T),
         from_inner_x=a.from_inner(x).to_dense(),
         from_inner=a.from_inner().to_dense(), project_outer=a.project_outer(x).to_dense(),
         average_trace=a.average_trace(), add_diagonal=a.add_diagonal(0.5).to_dense(),
@@ -125,6 +126,7 @@ def test_operations_match_dense(name, opts, dtype):
         assert_close(got["matmat"], ad @ xd, dtype)
         assert_close(got["rmatmat"], ad.T @ xd, dtype)
         assert_close(got["outer_matmat"], ad @ ad.T @ xd, dtype)
+        assert_close(got["right_outer_matmat"], xd.T @ ad @ ad.T, dtype)
         assert_close(got["from_inner_x"], project_dense(name, opts, ad.T @ xd @ xd.T @ ad), dtype)
         assert_close(got["from_inner"], project_dense(name, opts, ad.T @ ad), dtype)
         assert_close(got["project_outer"], project_dense(name, opts, xd @ xd.T), dtype)

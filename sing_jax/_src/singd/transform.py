@@ -466,7 +466,7 @@ def natural_gradient(layer: LayerPreconditioner, kernel_grad: Array,
     if cfg.has_bias:
         x = jnp.concatenate([x, bias_grad[None, :].astype(x.dtype)], axis=0)
     y = layer.k.outer_matmat(x.astype(cfg.dtype_k))  # K K^T Ghat^T
-    z = layer.c.outer_matmat(y.T.astype(cfg.dtype_c)).T  # (C C^T Ghat K K^T)^T
+    z = layer.c.right_outer_matmat(y.astype(cfg.dtype_c))  # (C C^T Ghat K K^T)^T
     k_nat = _kernel_from_matrix(z[: cfg.dim_k - int(cfg.has_bias)], cfg.kernel_shape, cfg.kind)
     b_nat = z[-1] if cfg.has_bias else None
     return k_nat.astype(kernel_grad.dtype), (
