@@ -297,7 +297,8 @@ class DenseMatrix(StructuredMatrix):
 
     def right_outer_matmat(self, mat: Array) -> Array:
         # (Y S) S^T: untransposed and half-transposed products, which XLA:CPU runs
-        # about 20% faster than the transposed ones of (S S^T Y^T)^T.
+        # faster than the transposed ones of (S S^T Y^T)^T (a 1025x1024 layer's
+        # natural gradient: 21.7 ms against 24.7 ms).
         return (mat @ self.mat) @ self.mat.T
 
     def matmul(self, other: StructuredMatrix) -> DenseMatrix:
