@@ -74,7 +74,7 @@ SPECS = [
     ("tril_top_left_diagonal", {}), ("triu_top_left_diagonal", {}),
     ("tril_bottom_right_diagonal", {}), ("triu_bottom_right_diagonal", {}),
 ]
-DIMS = [1, 37]  # 37: partial blocks (4 and 30), the hierarchical middle
+DIMS = [1, 4, 37]  # 4: one whole block, no hierarchical middle; 37: partial blocks
 REL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
@@ -182,9 +182,14 @@ def test_block_diagonal_products_are_the_same_on_every_backend_path(symmetric_bl
     block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
                                              block_size=3, symmetric_blocks=symmetric_blocks)
     x = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
-    on_cpu = [block.matmat(x), block.rmatmat(x), block.outer_matmat(x)]
+
+    def products():
+        return [block.matmat(x), block.rmatmat(x), block.outer_matmat(x),
+                block.right_outer_matmat(x.T)]
+
+    on_cpu = products()
     monkeypatch.setattr(S.jax, "default_backend", lambda: "gpu")
-    batched = [block.matmat(x), block.rmatmat(x), block.outer_matmat(x)]
+    batched = products()
     for a, b in zip(on_cpu, batched, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
