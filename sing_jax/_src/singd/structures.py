@@ -716,8 +716,38 @@ def _diagonal_sums(mat: Array) -> Array:
     return jax.ops.segment_sum(mat.ravel(), offsets.ravel(), num_segments=2 * d - 1)
 
 
+def _fft_length(min_length: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= min_length`` (lengths FFTs are fast at)."""
+    best = 2 ** max(min_length - 1, 0).bit_length()
+    power3 = 1
+    while power3 < best:
+        power5 = power3
+        while power5 < best:
+            length = power5
+            while length < min_length:
+                length *= 2
+            best = min(best, length)
+            power5 *= 5
+        power3 *= 3
+    return best
+
+
+def _fft_dtype(*arrays: Array) -> Any:
+    """Float32 at least: FFTs take no bfloat16/float16."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 class _ToeplitzMatrix(StructuredMatrix):
-    """Triangular Toeplitz matrix stored by its ``d`` diagonal coefficients."""
+    r"""Triangular Toeplitz matrix stored by its ``d`` diagonal coefficients.
+
+    What only involves the coefficients avoids the dense form: the product of two
+    such matrices is a truncated convolution (zero-padded FFTs of length
+    :math:`\ge 2d - 1`, in float32 at least) and :math:`P(S^\top S)` has a closed
+    form in :math:`d^2` multiply-adds. Products with a dense ``d x n`` matrix use
+    the dense form: an FFT convolution of its columns is no faster on XLA:CPU at
+    ``d = n = 1024`` (2.3 ms an FFT against 5.3 ms the whole product), matrix units
+    favour it, and it is more accurate in float32.
+    """
 
     _array_fields = ("coeffs",)
     lower: ClassVar[bool]
@@ -750,14 +780,41 @@ class _ToeplitzMatrix(StructuredMatrix):
         vals = self.coeffs[jnp.clip(offset, 0, d - 1)]
         return jnp.where(offset >= 0, vals, jnp.zeros((), self.coeffs.dtype))
 
+    def right_outer_matmat(self, mat: Array) -> Array:
+        # (Y S) S^T: untransposed products (the default transposes Y twice).
+        dense = self.to_dense()
+        return (mat @ dense) @ dense.T
+
+    def from_inner(self, mat: Array | None = None) -> _ToeplitzMatrix:
+        if mat is not None:
+            return self.project_outer(self.rmatmat(mat))
+        # The lag-k diagonal sum of S^T S (either triangle) is
+        # sum_u (d - k - u) t_u t_{u+k} = sum_u r_{u+k} t_u with r_s = (d - s) t_s:
+        # a Hankel matrix of r times t, d^2 multiply-adds instead of the d^3 of S^T S.
+        # (An FFT correlation is cheaper still but ~5x less accurate in float32.)
+        d = self.dim
+        r = jnp.arange(d, 0, -1, dtype=self.coeffs.dtype) * self.coeffs
+        shifted = jnp.arange(d)[:, None] + jnp.arange(d)[None, :]  # u + k
+        hankel = jnp.concatenate([r, jnp.zeros((d,), r.dtype)])[shifted]
+        return self._from_lag_sums(hankel @ self.coeffs)
+
+    @classmethod
+    def _from_lag_sums(cls, lags: Array) -> _ToeplitzMatrix:
+        """The projection of a symmetric matrix from its diagonal sums at lags ``0..d-1``:
+        ``t_0 = D_0 / d`` and ``t_k = 2 D_k / (d - k)`` (both triangles fold onto one)."""
+        d = lags.shape[0]
+        folded = lags.at[1:].multiply(2)
+        return cls((folded / jnp.arange(d, 0, -1, dtype=lags.dtype)).astype(lags.dtype))
+
     def matmul(self, other: StructuredMatrix) -> _ToeplitzMatrix:
         self._check_same(other)
-        # Products of triangular Toeplitz matrices are the truncated convolution.
-        full = jnp.convolve(self.coeffs, other.coeffs, mode="full")
-        return type(self)(full[: self.dim].astype(self.coeffs.dtype))
-
-    def project_outer(self, mat: Array) -> _ToeplitzMatrix:
-        return self.project(mat @ mat.T)
+        # Products of triangular Toeplitz matrices are the truncated convolution, taken
+        # with FFTs (jnp.convolve costs 1.5 ms on XLA:CPU for d = 1025).
+        n = _fft_length(2 * self.dim - 1)
+        dtype = _fft_dtype(self.coeffs, other.coeffs)
+        spectrum = (jnp.fft.rfft(self.coeffs.astype(dtype), n)
+                    * jnp.fft.rfft(other.coeffs.astype(dtype), n))
+        return type(self)(jnp.fft.irfft(spectrum, n)[: self.dim].astype(self.coeffs.dtype))
 
     def average_trace(self) -> Array:
         return self.coeffs[0]
@@ -860,6 +917,35 @@ class _TriangularDiagonalMatrix(StructuredMatrix):
 
     def rmatmat(self, mat: Array) -> Array:
         return self._col_form_matmat(mat) if self._is_row() else self._row_form_matmat(mat)
+
+    def _times_row_form(self, mat: Array) -> Array:
+        # Y (D + e_s v^T)
+        s = self._special(self.dim)
+        return mat * self.diag[None, :] + mat[:, s][:, None] * self._pad(self.offdiag)[None, :]
+
+    def _times_col_form(self, mat: Array) -> Array:
+        # Y (D + v e_s^T)
+        s = self._special(self.dim)
+        return (mat * self.diag[None, :]).at[:, s].add(mat @ self._pad(self.offdiag))
+
+    def right_outer_matmat(self, mat: Array) -> Array:
+        # (Y S) S^T in O(nd), on the columns of Y: the default transposes Y twice.
+        if self._is_row():
+            return self._times_col_form(self._times_row_form(mat))
+        return self._times_row_form(self._times_col_form(mat))
+
+    def from_inner(self, mat: Array | None = None) -> _TriangularDiagonalMatrix:
+        if mat is not None:
+            return self.project_outer(self.rmatmat(mat))
+        # P(S^T S) in closed form, without the dense d x d matrix (v_s = 0):
+        #   row form S = D + e_s v^T: S^T S = D^2 + d_s (e_s v^T + v e_s^T) + v v^T
+        #   column form S = D + v e_s^T: S^T S = D^2 + D v e_s^T + e_s v^T D + |v|^2 e_s e_s^T
+        s = self._special(self.dim)
+        v = self._pad(self.offdiag)
+        if self._is_row():
+            return type(self)(self.diag ** 2 + v ** 2, self._unpad(2 * self.diag[s] * v))
+        diag = (self.diag ** 2).at[s].add(jnp.sum(v * v))
+        return type(self)(diag, self._unpad(2 * self.diag * v))
 
     def matmul(self, other: StructuredMatrix) -> _TriangularDiagonalMatrix:
         self._check_same(other)
