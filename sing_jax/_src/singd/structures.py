@@ -738,8 +738,8 @@ def _fft_length(min_length: int) -> int:
     return best
 
 
-def _fft_dtype(*arrays: Array) -> Any:
-    """Float32 at least: FFTs take no bfloat16/float16."""
+def _at_least_float32(*arrays: Array) -> Any:
+    """The arrays' common dtype, float32 at least (FFTs take no bfloat16/float16)."""
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
@@ -798,26 +798,22 @@ class _ToeplitzMatrix(StructuredMatrix):
         # sum_u (d - k - u) t_u t_{u+k} = sum_u r_{u+k} t_u with r_s = (d - s) t_s:
         # a Hankel matrix of r times t, d^2 multiply-adds instead of the d^3 of S^T S.
         # (An FFT correlation is cheaper still but ~5x less accurate in float32.)
+        # In float32 at least: the weights d - s are integers up to d.
         d = self.dim
-        r = jnp.arange(d, 0, -1, dtype=self.coeffs.dtype) * self.coeffs
+        t = self.coeffs.astype(_at_least_float32(self.coeffs))
+        r = jnp.arange(d, 0, -1, dtype=t.dtype) * t
         shifted = jnp.arange(d)[:, None] + jnp.arange(d)[None, :]  # u + k
         hankel = jnp.concatenate([r, jnp.zeros((d,), r.dtype)])[shifted]
-        return self._from_lag_sums(hankel @ self.coeffs)
-
-    @classmethod
-    def _from_lag_sums(cls, lags: Array) -> _ToeplitzMatrix:
-        """The projection of a symmetric matrix from its diagonal sums at lags ``0..d-1``:
-        ``t_0 = D_0 / d`` and ``t_k = 2 D_k / (d - k)`` (both triangles fold onto one)."""
-        d = lags.shape[0]
-        folded = lags.at[1:].multiply(2)
-        return cls((folded / jnp.arange(d, 0, -1, dtype=lags.dtype)).astype(lags.dtype))
+        lags = hankel @ t
+        folded = lags.at[1:].multiply(2)  # t_0 = D_0 / d, t_k = 2 D_k / (d - k)
+        return type(self)((folded / jnp.arange(d, 0, -1, dtype=t.dtype)).astype(self.coeffs.dtype))
 
     def matmul(self, other: StructuredMatrix) -> _ToeplitzMatrix:
         self._check_same(other)
         # Products of triangular Toeplitz matrices are the truncated convolution, taken
         # with FFTs (jnp.convolve costs 1.5 ms on XLA:CPU for d = 1025).
         n = _fft_length(2 * self.dim - 1)
-        dtype = _fft_dtype(self.coeffs, other.coeffs)
+        dtype = _at_least_float32(self.coeffs, other.coeffs)
         spectrum = (jnp.fft.rfft(self.coeffs.astype(dtype), n)
                     * jnp.fft.rfft(other.coeffs.astype(dtype), n))
         return type(self)(jnp.fft.irfft(spectrum, n)[: self.dim].astype(self.coeffs.dtype))
