@@ -15,6 +15,8 @@ preconditioner state (K, C, m_K, m_C) in bytes.
 
     python experiments/bench_singd.py                 # everything (a few minutes)
     python experiments/bench_singd.py --quick         # CNN only, fewer structures
+    python experiments/bench_singd.py --pieces        # per layer: curvature, factor
+                                                      # update, natural gradient alone
 
 The last line is the headline ratio: our T=1 step over the PyTorch step (worst
 structure, CNN), and our diagonal T=10 step over SGD.
@@ -218,6 +220,64 @@ def torch_window(one_step, steps):
     return window
 
 
+def layer_piece_times(name, structure, repeats=20):
+    """Where our T=1 step's preconditioner time goes, per layer of ``name``: the
+    milliseconds of the curvature from the captured statistics, the factor update and
+    the natural gradient, each jitted and timed alone (median of ``repeats``).
+
+    Returns ``[(layer path, dim K, dim C, {"curvature": ms, "update": ms,
+    "natural gradient": ms}), ...]``. Uses the transform's internals: a diagnostic.
+    """
+    from sing_jax._src.singd import transform
+
+    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    lr, momentum, damping, alpha1, lr_cov = 1e-2, 0.9, 1e-3, 0.5, 1e-2
+    tx = sing_jax.singd(lr, momentum=momentum, damping=damping, alpha1=alpha1, T=1,
+                        lr_cov=lr_cov, structures=(structure, structure))
+    layers = transform._find_singd_state(tx.init(params)).layers
+    hyper = transform._LayerHyper(lr, momentum, damping, alpha1, 0.0, lr_cov,
+                                  kfac_like=False, normalize_lr_cov=False)
+    x, y = (jnp.asarray(a) for a in data(name))
+    merged = nnx.merge(graphdef, params, rest, copy=True)
+    (_, grads), captures = sing_jax.singd_value_and_grad(loss_fn, merged, x, y)
+    grad_leaves = dict(zip(*transform._leaf_paths(grads)[:2], strict=True))
+
+    def blocking(fn, *args):
+        fn = jax.jit(fn)
+        return lambda: jax.block_until_ready(fn(*args))
+
+    def update(lp, curvature):
+        return transform._update_factors(lp, curvature, hyper, jnp.int32(0))
+
+    rows = []
+    for layer in layers:
+        cfg = layer.config
+        capture = captures[cfg.path]
+        kernel = grad_leaves[f"{cfg.path}/kernel"]
+        bias = grad_leaves.get(f"{cfg.path}/bias")
+        seconds = _timing.interleaved_medians({
+            "curvature": blocking(transform.layer_curvature, layer, capture),
+            "update": blocking(update, layer, transform.layer_curvature(layer, capture)),
+            "natural gradient": blocking(transform.natural_gradient, layer, kernel, bias),
+        }, repeats)
+        rows.append((cfg.path, cfg.dim_k, cfg.dim_c, {k: v * 1e3 for k, v in seconds.items()}))
+    return rows
+
+
+def print_piece_times(models, structures, repeats):
+    print(f"{'model':<5} {'structure':<15} {'layer':<6} {'K':>5} {'C':>5} "
+          f"{'curvature ms':>12} {'update ms':>9} {'nat. grad ms':>12}")
+    for name in models:
+        for structure in structures:
+            rows = layer_piece_times(name, structure, repeats)
+            for path, dim_k, dim_c, ms in rows + [("total", "", "", {
+                    key: sum(r[3][key] for r in rows) for key in rows[0][3]})]:
+                print(f"{name:<5} {structure:<15} {path:<6} {dim_k:>5} {dim_c:>5} "
+                      f"{ms['curvature']:>12.3f} {ms['update']:>9.3f} "
+                      f"{ms['natural gradient']:>12.3f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
@@ -229,9 +289,15 @@ def main():
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="CNN only; dense, diagonal, tril_toeplitz")
+    parser.add_argument("--pieces", action="store_true",
+                        help="instead: per layer, the T=1 preconditioner pieces (curvature, "
+                             "factor update, natural gradient) timed alone")
     args = parser.parse_args()
     if args.quick:
         args.models, args.structures = ["cnn"], ["dense", "diagonal", "tril_toeplitz"]
+    if args.pieces:
+        print_piece_times(args.models, args.structures, max(args.repeats, 20))
+        return
     try:
         import torch
 

@@ -46,6 +46,17 @@ def test_bench_singd_times_ours_sgd_and_pytorch_interleaved():
     assert calls == ["ours", "sgd"] * 3
 
 
+def test_bench_singd_pieces_time_every_registered_layer():
+    from experiments import bench_singd
+
+    rows = bench_singd.layer_piece_times("mlp", "block_diagonal", repeats=1)
+    assert [(path, dim_k, dim_c) for path, dim_k, dim_c, _ in rows] == [
+        ("l1", 785, 1024), ("l2", 1025, 1024), ("l3", 1025, 10)]
+    for *_, ms in rows:
+        assert set(ms) == {"curvature", "update", "natural gradient"}
+        assert all(v > 0 for v in ms.values())
+
+
 def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats():
     from experiments import _timing
 
