@@ -283,7 +283,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES))
     parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds (default 5; 20 with --pieces)")
     parser.add_argument("--window", type=int, default=5,
                         help="steps per timed window (rounded up to whole periods of T)")
     parser.add_argument("--no-torch", action="store_true")
@@ -293,10 +294,12 @@ def main():
                         help="instead: per layer, the T=1 preconditioner pieces (curvature, "
                              "factor update, natural gradient) timed alone")
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.quick:
         args.models, args.structures = ["cnn"], ["dense", "diagonal", "tril_toeplitz"]
     if args.pieces:
-        print_piece_times(args.models, args.structures, max(args.repeats, 20))
+        print_piece_times(args.models, args.structures, args.repeats or 20)
         return
     try:
         import torch
@@ -331,7 +334,7 @@ def main():
                     # (refresh step + (T-1) skip steps) / T, skip steps timed here
                     torch_one()  # step 0 refreshes; the next T - 1 do not
                     windows["torch skip"] = (torch_window(torch_one, 1), 1)
-                times = seconds_per_step(windows, args.repeats)
+                times = seconds_per_step(windows, args.repeats or 5)
                 ref = times.get("torch", float("nan"))
                 if "torch skip" in times:
                     ref = (torch_refresh + (T - 1) * times["torch skip"]) / T if (
