@@ -757,6 +757,13 @@ def _at_least_float32(*arrays: Array) -> Any:
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
+def _fold_diagonal_sums(below: Array, above: Array) -> Array:
+    """Toeplitz coefficients of the projection from the diagonal sums at offsets
+    ``0..d-1`` below and ``1..d-1`` above: ``t_k = (below_k + above_k) / (d - k)``."""
+    d = below.shape[0]
+    return below.at[1:].add(above) / jnp.arange(d, 0, -1, dtype=below.dtype)
+
+
 class _ToeplitzMatrix(StructuredMatrix):
     r"""Triangular Toeplitz matrix stored by its ``d`` diagonal coefficients.
 
@@ -785,8 +792,7 @@ class _ToeplitzMatrix(StructuredMatrix):
         sums = _diagonal_sums(sym_mat)
         below = sums[d - 1:]  # offsets 0..d-1 (i - j >= 0)
         above = sums[: d - 1][::-1]  # offsets -1..-(d-1)
-        folded = below.at[1:].add(above)
-        return cls(folded / jnp.arange(d, 0, -1, dtype=sym_mat.dtype))
+        return cls(_fold_diagonal_sums(below, above))
 
     @classmethod
     def zeros(cls, dim: int, dtype: Any = jnp.float32) -> _ToeplitzMatrix:
@@ -807,7 +813,7 @@ class _ToeplitzMatrix(StructuredMatrix):
 
     def from_inner(self, mat: Array | None = None) -> _ToeplitzMatrix:
         if mat is not None:
-            return self.project_outer(self.rmatmat(mat))
+            return super().from_inner(mat)
         # The lag-k diagonal sum of S^T S (either triangle) is
         # sum_u (d - k - u) t_u t_{u+k} = sum_u r_{u+k} t_u with r_s = (d - s) t_s:
         # a Hankel matrix of r times t, d^2 multiply-adds instead of the d^3 of S^T S.
@@ -818,9 +824,8 @@ class _ToeplitzMatrix(StructuredMatrix):
         r = jnp.arange(d, 0, -1, dtype=t.dtype) * t
         shifted = jnp.arange(d)[:, None] + jnp.arange(d)[None, :]  # u + k
         hankel = jnp.concatenate([r, jnp.zeros((d,), r.dtype)])[shifted]
-        lags = hankel @ t
-        folded = lags.at[1:].multiply(2)  # t_0 = D_0 / d, t_k = 2 D_k / (d - k)
-        return type(self)((folded / jnp.arange(d, 0, -1, dtype=t.dtype)).astype(self.coeffs.dtype))
+        lags = hankel @ t  # S^T S is symmetric: the same sums above and below
+        return type(self)(_fold_diagonal_sums(lags, lags[1:]).astype(self.coeffs.dtype))
 
     def matmul(self, other: StructuredMatrix) -> _ToeplitzMatrix:
         self._check_same(other)
@@ -952,7 +957,7 @@ class _TriangularDiagonalMatrix(StructuredMatrix):
 
     def from_inner(self, mat: Array | None = None) -> _TriangularDiagonalMatrix:
         if mat is not None:
-            return self.project_outer(self.rmatmat(mat))
+            return super().from_inner(mat)
         # P(S^T S) in closed form, without the dense d x d matrix (v_s = 0):
         #   row form S = D + e_s v^T: S^T S = D^2 + d_s (e_s v^T + v e_s^T) + v v^T
         #   column form S = D + v e_s^T: S^T S = D^2 + D v e_s^T + e_s v^T D + |v|^2 e_s e_s^T
