@@ -24,9 +24,11 @@ structure, CNN), and our diagonal T=10 step over SGD.
 CPU settings, the same for our SINGD and the SGD baseline: the CNN pools with
 :func:`sing_jax.nn.max_pool` (same values as ``nnx.max_pool``, a cheaper gradient),
 and XLA:CPU (jaxlib 0.10) is asked to run convolutions with its Eigen kernels
-rather than YNNPACK's, which are several times slower for these layer sizes
-(``--xla_cpu_experimental_ynn_fusion_type=reduce`` in ``XLA_FLAGS``, unless
-``XLA_FLAGS`` already sets it; see the README's CPU notes).
+rather than YNNPACK's, which are several times slower for these layer sizes, while
+matrix products stay with YNNPACK one at a time, which is faster than Eigen for
+the MLP's thin products
+(``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`` in ``XLA_FLAGS``,
+unless ``XLA_FLAGS`` already sets it; see the README's CPU notes).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ if (__name__ == "__main__" and YNN_FLAG not in os.environ.get("XLA_FLAGS", "")
     # Must be set before jax is imported; an unknown flag would abort other jaxlibs.
     # Only when run as a script: importing the helpers (tests) changes no environment,
     # which subprocesses would inherit.
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=reduce".strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=individual_dot,reduce".strip())
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -177,7 +177,7 @@ def test_block_diagonal_with_one_block_is_dense_for_non_symmetric_matrices():
 @pytest.mark.parametrize("symmetric_blocks", [False, True])
 def test_block_diagonal_products_are_the_same_on_every_backend_path(symmetric_blocks,
                                                                      monkeypatch):
-    # CPU: one product per block; other backends: one batched product
+    # Y S S^T: one product per column block on CPU, one batched product elsewhere
     rng = np.random.default_rng(2)
     block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
                                              block_size=3, symmetric_blocks=symmetric_blocks)
