@@ -34,18 +34,15 @@ unless ``XLA_FLAGS`` already sets it; see the README's CPU notes).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import warnings
 
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-if (__name__ == "__main__" and YNN_FLAG not in os.environ.get("XLA_FLAGS", "")
-        and importlib.metadata.version("jaxlib").startswith("0.10.")):
-    # Must be set before jax is imported; an unknown flag would abort other jaxlibs.
-    # Only when run as a script: importing the helpers (tests) changes no environment,
-    # which subprocesses would inherit.
-    os.environ["XLA_FLAGS"] = (
-        f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=individual_dot,reduce".strip())
+if __package__:  # imported as experiments.bench_singd (python -m, tests)
+    from . import _xla_cpu
+else:  # run by path: this script's folder is first on sys.path
+    import _xla_cpu
+if __name__ == "__main__":
+    _xla_cpu.set_cpu_flag()  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

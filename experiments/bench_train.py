@@ -10,6 +10,11 @@ shard_map on one device, donated state, BatchNorm statistics updated); PyTorch's
 (the faster is reported). Median over repeats of ``steps`` steps after warm-up; the
 first JAX step's compile time is reported separately. The last line is the headline
 ratio (ours / PyTorch; above 1 means faster).
+
+Run as a script, it gives XLA:CPU (jaxlib 0.10) the same setting as ``bench_singd.py``:
+YNNPACK matrix products one at a time, Eigen convolutions
+(``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``), unless
+``XLA_FLAGS`` already names the flag; see the README's CPU notes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ import argparse
 import os
 import statistics
 import time
+
+if __package__:  # python -m experiments.bench_train, tests
+    from . import _xla_cpu
+else:  # run by path: this script's folder is first on sys.path
+    import _xla_cpu
+if __name__ == "__main__":
+    _xla_cpu.set_cpu_flag()  # before jax is imported (see experiments/_xla_cpu.py)
 
 
 def bench_jax(batch: int, steps: int, repeats: int) -> tuple[float, float]:
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> float:
     torch_rate = max(torch_default, torch_cl)
     device = jax.devices()[0].device_kind
     print(f"ResNet-20 train step, batch {args.batch}, 32x32, SGD momentum "
-          f"({device}, {os.cpu_count()} CPU threads)")
+          f"({device}, {os.cpu_count()} CPU threads; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
     print(f"{'implementation':<34} {'images/s':>10}")
     print(f"{'sing_jax.train (jit+shard_map)':<34} {jax_rate:>10.1f}")
     print(f"{'PyTorch (NCHW)':<34} {torch_default:>10.1f}")

@@ -69,3 +69,15 @@ def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         _timing.interleaved_medians({"a": lambda: None}, repeats=0)
     assert _timing.copy_bandwidth(2**20, repeats=2) > 0
+
+
+def test_the_cpu_flag_of_the_benchmarks_is_added_only_where_it_is_known_and_unset():
+    from experiments import _xla_cpu
+
+    flag = f"{_xla_cpu.YNN_FLAG}={_xla_cpu.YNN_VALUE}"
+    assert _xla_cpu.with_cpu_flag("", "0.10.2") == flag
+    assert (_xla_cpu.with_cpu_flag("--xla_force_host_platform_device_count=8", "0.10.0")
+            == f"--xla_force_host_platform_device_count=8 {flag}")
+    mine = f"{_xla_cpu.YNN_FLAG}=reduce"
+    assert _xla_cpu.with_cpu_flag(mine, "0.10.2") == mine  # the user's value wins
+    assert _xla_cpu.with_cpu_flag("", "0.11.0") == ""  # other jaxlibs may not know it
