@@ -24,7 +24,7 @@ structure, CNN), and our diagonal T=10 step over SGD.
 CPU settings, the same for our SINGD and the SGD baseline: the CNN pools with
 :func:`sing_jax.nn.max_pool` (same values as ``nnx.max_pool``, a cheaper gradient),
 and XLA:CPU (jaxlib 0.10) is asked to run convolutions with its Eigen kernels
-rather than YNNPACK's, which are several times slower for these layer sizes, while
+rather than YNNPACK's, which are slower for these layer sizes (1.5x-2x), while
 matrix products stay with YNNPACK one at a time, which is faster than Eigen for
 the MLP's thin products
 (``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`` in ``XLA_FLAGS``,
