@@ -25,21 +25,14 @@ def seconds_of(call: Callable[[], Any]) -> float:
 
 
 def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
-                        warmup_rounds: int = 1, pause_s: float = 0.0) -> dict[str, float]:
+                        warmup_rounds: int = 1) -> dict[str, float]:
     """Median seconds of each blocking call, the calls taking turns.
 
     ``warmup_rounds`` untimed rounds (compilation, first-touch page faults) come
-    first; then ``repeats`` rounds call each entry once, in order. ``pause_s``
-    seconds of sleep follow every timed call, outside its time, so that the worker
-    threads of one library are idle before the next call starts: PyTorch's OpenMP
-    threads spin for a while after their work, and on 2 cores the JAX step timed
-    right after PyTorch's was about 10% slower for it (the MLP's diagonal SINGD step:
-    4.89 against 4.45 ms; 4.47 ms with a 50 ms pause).
+    first; then ``repeats`` rounds call each entry once, in order.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if pause_s < 0:
-        raise ValueError(f"pause_s must be >= 0, got {pause_s}")
     for _ in range(warmup_rounds):
         for call in calls.values():
             call()
@@ -47,8 +40,6 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
     for _ in range(repeats):
         for name, call in calls.items():
             times[name].append(seconds_of(call))
-            if pause_s:
-                time.sleep(pause_s)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

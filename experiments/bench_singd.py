@@ -7,9 +7,7 @@ against ``optax.sgd(momentum=0.9)`` on the same model and against the PyTorch
 ``singd`` package (if installed) on the same architecture, in the same process.
 Ours, SGD and PyTorch are timed interleaved, window by window, so that machine
 noise hits them alike: per step, the median over ``--repeats`` rounds of windows of
-at least ``--window`` steps (whole periods of ``T``), after a warm-up window each,
-with an untimed 50 ms pause after every window (PyTorch's threads spin for a while
-after its step, which slowed the next window by about 10%).
+at least ``--window`` steps (whole periods of ``T``), after a warm-up window each.
 PyTorch at T > 1 is (refresh step + (T-1) x median skip step) / T, the refresh step
 being its T=1 time, and its slow structures (a step over a second) get one-step
 windows, so that they stay affordable. The memory column is the size of the
@@ -119,18 +117,11 @@ def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-# Sleep after every timed window: PyTorch's threads spin after its step and would
-# slow down the window timed next (see _timing.interleaved_medians).
-PAUSE_AFTER_WINDOW_S = 0.05
-
-
 def seconds_per_step(windows: dict, repeats: int) -> dict:
     """Seconds per step of each ``(run_window, steps)``: one warm-up window each, then
-    ``repeats`` interleaved rounds with a pause after every window (untimed); the
-    median window time divided by its steps."""
+    ``repeats`` interleaved rounds; the median window time divided by its steps."""
     seconds = _timing.interleaved_medians({name: run_window for name, (run_window, _)
-                                           in windows.items()}, repeats,
-                                          pause_s=PAUSE_AFTER_WINDOW_S)
+                                           in windows.items()}, repeats)
     return {name: seconds[name] / steps for name, (_, steps) in windows.items()}
 
 

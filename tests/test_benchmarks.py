@@ -71,20 +71,6 @@ def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats
     assert _timing.copy_bandwidth(2**20, repeats=2) > 0
 
 
-def test_shared_timer_pauses_after_each_timed_call_outside_its_time():
-    import time
-
-    from experiments import _timing
-
-    start = time.perf_counter()
-    seconds = _timing.interleaved_medians({"a": lambda: None, "b": lambda: None},
-                                          repeats=2, warmup_rounds=0, pause_s=0.05)
-    assert time.perf_counter() - start >= 4 * 0.05  # one pause per timed call
-    assert all(s < 0.05 for s in seconds.values())  # none inside a call's time
-    with pytest.raises(ValueError, match="pause_s must be >= 0, got -1"):
-        _timing.interleaved_medians({"a": lambda: None}, repeats=1, pause_s=-1)
-
-
 def test_the_cpu_flag_of_the_benchmarks_is_added_only_where_it_is_known_and_unset():
     from experiments import _xla_cpu
 
