@@ -806,9 +806,9 @@ class _ToeplitzMatrix(StructuredMatrix):
         return jnp.where(offset >= 0, vals, jnp.zeros((), self.coeffs.dtype))
 
     def right_outer_matmat(self, mat: Array) -> Array:
-        # (Y S) S^T: untransposed products (the default transposes Y twice).
-        dense = self.to_dense()
-        return (mat @ dense) @ dense.T
+        # The dense form's (Y S) S^T: untransposed products (the default transposes Y
+        # twice).
+        return DenseMatrix(self.to_dense()).right_outer_matmat(mat)
 
     def from_inner(self, mat: Array | None = None) -> _ToeplitzMatrix:
         if mat is not None:
