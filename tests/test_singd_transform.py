@@ -244,6 +244,11 @@ def test_clear_errors_for_bad_input():
         sing_jax.singd(structures=("banded", "dense"))
     with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
         sing_jax.singd(layer_overrides={"conv": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="layer_overrides: bad regex 'conv\\('"):
+        sing_jax.singd(layer_overrides={"conv(": {"T": 2}})
+    with pytest.raises(ValueError,
+                       match="layer_overrides\\['conv'\\] is 'diagonal'; expected a dict"):
+        sing_jax.singd(layer_overrides={"conv": "diagonal"})
     with pytest.raises(ValueError, match="layer 'conv': loss_average='token'"):
         sing_jax.singd(layer_overrides={"conv": {"loss_average": "token"}}).init(params)
     tx = sing_jax.singd()

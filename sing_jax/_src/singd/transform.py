@@ -540,7 +540,15 @@ def singd(
     """
     layer_overrides = dict(layer_overrides or {})
     for pattern, override in layer_overrides.items():
-        re.compile(pattern)
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"layer_overrides: bad regex {pattern!r}: {e}") from e
+        if override is not None and not isinstance(override, Mapping):
+            raise ValueError(
+                f"layer_overrides[{pattern!r}] is {override!r}; expected a dict of "
+                f"hyper-parameters (any of {list(_OVERRIDABLE)}) or None (exclude the layer)"
+            )
         if override is not None:
             unknown = set(override) - set(_OVERRIDABLE)
             if unknown:
