@@ -219,6 +219,9 @@ def test_spec_tree_that_does_not_match_the_params():
     (lambda: sing_jax.adams(optax.linear_schedule(-1.0, 1.0, 10)),
      r"adams: learning_rate=-1.0"),
     (lambda: sing_jax.lookahead(3, alpha=-0.5), r"lookahead: alpha=-0.5"),
+    # A string (e.g. a config value read as text) is named, not converted or passed on.
+    (lambda: sing_jax.sing("1e-3"), r"sing: learning_rate='1e-3' is a string"),
+    (lambda: sing_jax.sgdmrt(0.1, momentum="0.9"), r"momentum='0.9' is a string"),
 ])
 def test_bad_hyperparameters(call, message):
     with pytest.raises(ValueError, match=message):

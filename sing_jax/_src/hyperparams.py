@@ -20,7 +20,10 @@ def _concrete_float(value: Any) -> float | None:
         return None
 
 
-def _value_at_start(value: Any) -> float | None:
+def _value_at_start(owner: str, name: str, value: Any) -> float | None:
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{owner}: {name}={value!r} is a string; expected a number or an "
+                         "optax schedule.")
     if callable(value):
         try:
             return _concrete_float(value(0))
@@ -31,7 +34,7 @@ def _value_at_start(value: Any) -> float | None:
 
 def check_non_negative(owner: str, name: str, value: Any) -> None:
     """``value >= 0`` (a schedule is checked at step 0)."""
-    x = _value_at_start(value)
+    x = _value_at_start(owner, name, value)
     if x is not None and not x >= 0:
         raise ValueError(f"{owner}: {name}={x!r} is not allowed; expected a value >= 0 "
                          "(a float or an optax schedule).")
@@ -39,7 +42,7 @@ def check_non_negative(owner: str, name: str, value: Any) -> None:
 
 def check_positive(owner: str, name: str, value: Any) -> None:
     """``value > 0`` (a schedule is checked at step 0)."""
-    x = _value_at_start(value)
+    x = _value_at_start(owner, name, value)
     if x is not None and not x > 0:
         raise ValueError(f"{owner}: {name}={x!r} is not allowed; expected a value > 0.")
 
@@ -47,7 +50,7 @@ def check_positive(owner: str, name: str, value: Any) -> None:
 def check_unit_interval(owner: str, name: str, value: Any, *, include_one: bool = False,
                         ) -> None:
     """``0 <= value < 1`` (or ``<= 1`` with ``include_one``)."""
-    x = _value_at_start(value)
+    x = _value_at_start(owner, name, value)
     if x is None:
         return
     ok = 0.0 <= x <= 1.0 if include_one else 0.0 <= x < 1.0
