@@ -65,17 +65,25 @@ def _after(previous: jax.Array, x: jax.Array) -> jax.Array:
 
     XLA:CPU otherwise schedules breadth-first: the first pass of every leaf, then
     the second pass of every leaf, and so on, so each pass over a large model reads
-    every leaf back from memory. The zero is ``0 * (t == t)`` of one element ``t`` of
-    the finished ``previous`` (exactly 0 for NaN and inf too, and XLA does not fold a
-    floating-point product with 0). The optimisation barrier keeps that element from
+    every leaf back from memory. The zero is :func:`_exact_zero` of one element of
+    the finished ``previous``. The optimisation barrier keeps that element from
     being recomputed from ``previous``'s inputs instead of read from its buffer.
     Use it on an input with a single consumer: the addition then fuses into that
     consumer's pass for free, whereas a second consumer makes XLA write ``x + 0``
     out first (which made AdamSRT slower).
     """
     element = jax.lax.optimization_barrier(previous)[(0,) * previous.ndim]
-    # Converted before the product: an integer product with 0 would be folded away.
-    return x + (element == element).astype(x.dtype) * 0
+    return x + _exact_zero(element, x.dtype)
+
+
+def _exact_zero(t: jax.Array, dtype: Any) -> jax.Array:
+    """``0 * (t == t)`` in ``dtype``: exactly 0 for every ``t``, NaN and inf too, yet
+    computed from ``t``, so whatever it is added to waits for ``t``.
+
+    XLA does not fold a floating-point product with 0; the comparison is converted
+    before the product because an integer product with 0 would be folded away.
+    """
+    return (t == t).astype(dtype) * 0
 
 
 def _adams_moments(geometry: LeafGeometry, g: jax.Array, m: jax.Array, v: jax.Array,
@@ -379,8 +387,7 @@ def _step_and_transport(m: jax.Array, v: jax.Array | None, p: jax.Array, s: jax.
     denom = dots.new_new + eps
     ok = denom > 0  # a channel whose new norm is zero keeps its moments
     inv = 1.0 / jnp.where(ok, denom, 1.0)
-    zero = (denom == denom).astype(denom.dtype) * 0  # 0 for every denom, NaN too
-    update = (-(s + zero) * m32).astype(update_dtype)
+    update = (-(s + _exact_zero(denom, denom.dtype)) * m32).astype(update_dtype)
     x_new = _wide((p + update).astype(p.dtype))
     moved = jnp.where(ok, m32 * (dots.new_new * inv) - x_new * (dots.moment_new * inv), m32)
     if v is not None:
