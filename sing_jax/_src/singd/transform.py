@@ -544,18 +544,19 @@ def singd(
             re.compile(pattern)
         except (re.error, TypeError) as e:
             raise ValueError(f"layer_overrides: bad regex {pattern!r}: {e}") from e
-        if override is not None and not isinstance(override, Mapping):
+        if override is None:  # the layer is excluded
+            continue
+        if not isinstance(override, Mapping):
             raise ValueError(
                 f"layer_overrides[{pattern!r}] is {override!r}; expected a dict of "
                 f"hyper-parameters (any of {list(_OVERRIDABLE)}) or None (exclude the layer)"
             )
-        if override is not None:
-            unknown = set(override) - set(_OVERRIDABLE)
-            if unknown:
-                raise ValueError(
-                    f"layer_overrides[{pattern!r}] has unknown keys {sorted(unknown)}; "
-                    f"overridable: {list(_OVERRIDABLE)}"
-                )
+        unknown = set(override) - set(_OVERRIDABLE)
+        if unknown:
+            raise ValueError(
+                f"layer_overrides[{pattern!r}] has unknown keys {sorted(unknown)}; "
+                f"overridable: {list(_OVERRIDABLE)}"
+            )
     defaults = dict(
         learning_rate=learning_rate, momentum=momentum, damping=damping, alpha1=alpha1,
         weight_decay=weight_decay, lr_cov=lr_cov, structures=structures,
