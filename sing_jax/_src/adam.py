@@ -57,7 +57,7 @@ def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> 
     d = jnp.asarray(d)
     z = beta * d
     tail = _log1p_unit_interval(jnp.exp(-jnp.minimum(z, threshold)))
-    return jnp.where(z > threshold, d, d + tail / beta)
+    return jnp.where(z > threshold, d, d + tail * (1 / beta))
 
 
 def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -106,16 +106,16 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         mu = jax.tree.map(lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
                           state.mu)
         nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, state.nu)
-        bias1 = 1 - b1 ** count
-        sqrt_bias2 = jnp.sqrt(1 - b2 ** count)
+        inv_bias1 = 1 / (1 - b1 ** count)
+        inv_sqrt_bias2 = jax.lax.rsqrt(1 - b2 ** count)
 
         def direction(g, m, v):
-            d = jnp.sqrt(v) / sqrt_bias2
+            d = jnp.sqrt(v) * inv_sqrt_bias2
             if softplus_beta is None:
                 d = d + eps
             else:
                 d = softplus_denominator(d, softplus_beta, softplus_threshold)
-            return ((m / bias1) / d).astype(g.dtype)
+            return (m * inv_bias1 / d).astype(g.dtype)
 
         new_updates = jax.tree.map(direction, updates, mu, nu)
         return new_updates, ScaleBySoftplusAdamState(count, mu, nu)
