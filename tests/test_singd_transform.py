@@ -101,6 +101,43 @@ def test_jit_no_recompilation_stable_state_and_loss_decreases():
 
 
 @quiet
+@quiet
+@pytest.mark.parametrize("period", [1, 3, 10])
+def test_kept_outer_products_change_only_the_work(period):
+    # Dense factors keep S S^T where d < T n (conv K: d=19, n=3; conv C: d=3, n=19;
+    # head K: d=4, n=2; head C: d=2, n=4): the same training (float64, so that only
+    # rounding differs), with S S^T equal to the factors' product after every refresh.
+    kwargs = dict(learning_rate=0.05, T=period, lr_cov=0.05, alpha1=0.5,
+                  preconditioner_dtype=jnp.float64)
+    runs = []
+    with jax.enable_x64(True):
+        for flag in (True, False):
+            tx = sing_jax.singd(**kwargs, cache_outer_products=flag)
+            graphdef, params, rest, state = setup(tx, jnp.float64)
+            step = jax.jit(make_step(tx, graphdef))
+            for t in range(2 * period + 1):
+                params, rest, state, _ = step(params, rest, state,
+                                              *batch(t, dtype=jnp.float64))
+            runs.append(jax.device_get((params, state)))
+    (p1, s1), (p2, s2) = runs
+    expected = {"conv": (19 < 3 * period, True), "head": (4 < 2 * period, True)}
+    for lp, lp_plain in zip(s1.layers, s2.layers, strict=True):
+        kept = (lp.k_outer is not None, lp.c_outer is not None)
+        assert kept == expected[lp.config.path], (lp.config.path, kept)
+        assert lp_plain.k_outer is None and lp_plain.c_outer is None
+        for factor, outer in ((lp.k, lp.k_outer), (lp.c, lp.c_outer)):
+            if outer is not None:
+                mat = np.asarray(factor.to_dense())
+                np.testing.assert_allclose(outer, mat @ mat.T, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves((p1, [(lp.k, lp.c) for lp in s1.layers])),
+                    jax.tree.leaves((p2, [(lp.k, lp.c) for lp in s2.layers])), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+    registered = {row[0]: row[6] for row in s1.registration.value.layers}
+    registered_plain = {row[0]: row[6] for row in s2.registration.value.layers}
+    assert registered["head"] == registered_plain["head"] + 8 * (
+        (4 * 4 if expected["head"][0] else 0) + 2 * 2)  # bytes of the kept products
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_params_keep_their_dtype_and_preconditioners_are_float32(dtype):
     tx = sing_jax.singd(0.05, T=1)
@@ -262,6 +299,8 @@ def test_clear_errors_for_bad_input():
     for bad in ("int32", jnp.int8, 0.0, "nonsense", ("float32",)):
         with pytest.raises(ValueError, match="preconditioner_dtype must be a floating dtype"):
             sing_jax.singd(preconditioner_dtype=bad)
+    with pytest.raises(ValueError, match="cache_outer_products must be True or False, got 'yes'"):
+        sing_jax.singd(cache_outer_products="yes")
     with pytest.raises(ValueError, match="block_size=0 is not allowed; expected an int >= 1"):
         sing_jax.singd(structures=(S.structure("block_diagonal", block_size=0), "dense"))
     with pytest.warns(UserWarning, match="pattern 'encoder' matches no layer path"):
