@@ -589,9 +589,11 @@ def test_four_devices_equal_one_device_under_pmap():
 
 # --- checkpoints -------------------------------------------------------------------------------
 @quiet
-def test_orbax_round_trip_continues_identically(tmp_path):
+@pytest.mark.parametrize("structures", [("hierarchical", "block_diagonal"),
+                                        ("dense", "dense")])  # dense: C C^T kept at T=2
+def test_orbax_round_trip_continues_identically(tmp_path, structures):
     ocp = pytest.importorskip("orbax.checkpoint")
-    tx = sing_jax.singd(0.05, T=2, structures=("hierarchical", "block_diagonal"))
+    tx = sing_jax.singd(0.05, T=2, structures=structures)
     graphdef, params, rest, state = setup(tx)
     step = jax.jit(make_step(tx, graphdef))
     x, y = batch()
@@ -600,7 +602,8 @@ def test_orbax_round_trip_continues_identically(tmp_path):
     ckptr.save(tmp_path / "ckpt", {"params": params, "opt": state})
     ckptr.wait_until_finished()
     restored = ckptr.restore(tmp_path / "ckpt", {"params": params, "opt": state})
-    assert isinstance(restored["opt"].layers[0].k, S.HierarchicalMatrix)
+    assert isinstance(restored["opt"].layers[0].k, S.structure(structures[0]).cls)
+    assert (restored["opt"].layers[0].c_outer is not None) == (structures[1] == "dense")
     a = step(params, rest, state, x, y)
     b = step(restored["params"], rest, restored["opt"], x, y)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -150,7 +150,12 @@ class LayerPreconditioner:
                    outer(c) if config.cache_c_outer else None)
 
     def tree_flatten(self):
-        return (self.k, self.c, self.m_k, self.m_c, self.k_outer, self.c_outer), self.config
+        children = (self.k, self.c, self.m_k, self.m_c)
+        if self.config.cache_k_outer or self.config.cache_c_outer:
+            # Only then: a state without kept products has the layout it always had,
+            # so checkpoints written before they existed restore into it.
+            children += (self.k_outer, self.c_outer)
+        return children, self.config
 
     @classmethod
     def tree_unflatten(cls, config, children):
