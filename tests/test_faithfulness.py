@@ -364,14 +364,16 @@ def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
 def test_float32_exp_of_negative_is_as_accurate_as_jnp_exp():
     # The softplus's own exp(-z) writes 2^-k into the exponent bits: over its whole
     # range, up to z = 87 where 2^-126 is the smallest normal float32, it must be as
-    # accurate as XLA's exp, and NaN must stay NaN.
+    # accurate as XLA's exp, and NaN must stay NaN; compiled too, where XLA's
+    # simplifier could undo the rounding of k (it folds (x + c) - c to x).
     from sing_jax._src.adam import _exp_of_negative
 
     z = np.linspace(0.0, 87.0, 400_001).astype(np.float32)
     expected = np.exp(-z.astype(np.float64))
-    ours = np.asarray(_exp_of_negative(jnp.asarray(z), 87.0), np.float64)
-    np.testing.assert_allclose(ours, expected, rtol=1.5e-7, atol=0)
-    assert np.isnan(np.asarray(_exp_of_negative(jnp.asarray([np.nan], jnp.float32), 20.0)))
+    for exp_of_negative in (_exp_of_negative, jax.jit(_exp_of_negative, static_argnums=1)):
+        ours = np.asarray(exp_of_negative(jnp.asarray(z), 87.0), np.float64)
+        np.testing.assert_allclose(ours, expected, rtol=1.5e-7, atol=0)
+        assert np.isnan(np.asarray(exp_of_negative(jnp.asarray([np.nan], jnp.float32), 20.0)))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
