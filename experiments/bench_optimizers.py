@@ -14,8 +14,8 @@ per-channel inner products ``<p, p>``, ``<p, m>``, ``<m, m>`` that the RT steps
 its own pass over the leaf at a third to a half of the speed of an elementwise pass
 (sibling reductions are not fused), so those inner products alone cost more
 than a whole SGD-momentum step; likewise the softplus (an ``exp`` and a ``log1p``,
-each a short polynomial per element) costs about 30% of a whole AdamW step. On accelerators, where
-the step is bound by memory traffic, neither dominates.
+each a short polynomial per element) costs about 20% of a whole AdamW step. On
+accelerators, where the step is bound by memory traffic, neither dominates.
 
     python experiments/bench_optimizers.py [--repeats 20] [--only sgdmrt adamsrt]
                                            [--no-breakdown]

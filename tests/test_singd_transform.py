@@ -101,7 +101,6 @@ def test_jit_no_recompilation_stable_state_and_loss_decreases():
 
 
 @quiet
-@quiet
 @pytest.mark.parametrize("period", [1, 3, 10])
 def test_kept_outer_products_change_only_the_work(period):
     # Dense factors keep S S^T where d < T n (conv K: d=19, n=3; conv C: d=3, n=19;
@@ -138,6 +137,7 @@ def test_kept_outer_products_change_only_the_work(period):
         (4 * 4 if expected["head"][0] else 0) + 2 * 2)  # bytes of the kept products
 
 
+@quiet
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_params_keep_their_dtype_and_preconditioners_are_float32(dtype):
     tx = sing_jax.singd(0.05, T=1)
