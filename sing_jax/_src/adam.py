@@ -8,6 +8,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sing_jax._src import hyperparams
@@ -30,14 +31,19 @@ _LOG1P_OVER_T = (0.999999995384853, -0.4999990399276453, 0.3333000403523737,
                  -0.0032563784785039464)
 
 
+def _polynomial(coefficients: tuple[float, ...], x: jax.Array) -> jax.Array:
+    """``sum_i coefficients[i] x^i`` (lowest first) by Horner's rule, in ``x``'s dtype."""
+    acc = jnp.asarray(coefficients[-1], x.dtype)
+    for coefficient in coefficients[-2::-1]:
+        acc = acc * x + jnp.asarray(coefficient, x.dtype)
+    return acc
+
+
 def _log1p_unit_interval(t: jax.Array) -> jax.Array:
     """``log1p(t)`` for ``t`` in ``[0, 1]``: exact in float64, a polynomial otherwise."""
     if t.dtype == jnp.float64:
         return jnp.log1p(t)
-    acc = jnp.asarray(_LOG1P_OVER_T[-1], t.dtype)
-    for coefficient in _LOG1P_OVER_T[-2::-1]:
-        acc = acc * t + jnp.asarray(coefficient, t.dtype)
-    return t * acc
+    return t * _polynomial(_LOG1P_OVER_T, t)
 
 
 # exp(-r) on [-ln2/2, ln2/2], interpolated at 300 Chebyshev nodes with a degree-6
@@ -52,7 +58,7 @@ _EXP_NEG_FLOAT32_MAX_Z = 87.0
 _LN2_HI = 0.693145751953125
 _LN2_LO = math.log(2) - _LN2_HI
 _ROUNDING_SHIFT = 1.5 * 2.0**23
-_ROUNDING_SHIFT_BITS = 0x4B400000  # its float32 bits
+_ROUNDING_SHIFT_BITS = int(np.float32(_ROUNDING_SHIFT).view(np.int32))
 
 
 def _exp_of_negative(z: jax.Array, z_max: float) -> jax.Array:
@@ -73,11 +79,9 @@ def _exp_of_negative(z: jax.Array, z_max: float) -> jax.Array:
     k_int = jax.lax.bitcast_convert_type(shifted, jnp.int32) - _ROUNDING_SHIFT_BITS
     k = k_int.astype(z.dtype)
     r = (z - k * _LN2_HI) - k * _LN2_LO
-    acc = jnp.asarray(_EXP_NEG_NEAR_ZERO[-1], z.dtype)
-    for coefficient in _EXP_NEG_NEAR_ZERO[-2::-1]:
-        acc = acc * r + jnp.asarray(coefficient, z.dtype)
     exponent_bits = (127 - k_int) << 23  # the float32 2^-k
-    return acc * jax.lax.bitcast_convert_type(exponent_bits, jnp.float32)
+    return _polynomial(_EXP_NEG_NEAR_ZERO, r) * jax.lax.bitcast_convert_type(
+        exponent_bits, jnp.float32)
 
 
 def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
