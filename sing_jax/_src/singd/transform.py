@@ -139,12 +139,16 @@ class LayerPreconditioner:
         self.k_outer, self.c_outer = k_outer, c_outer
 
     @classmethod
-    def with_outer_products(cls, config: LayerConfig, k, c, m_k=None, m_c=None,
-                            ) -> LayerPreconditioner:
-        """The state for factors ``k, c``, with the products ``config`` asks to keep."""
+    def with_outer_products(cls, config: LayerConfig, k, c, m_k=None, m_c=None, *,
+                            identity_factors: bool = False) -> LayerPreconditioner:
+        """The state for factors ``k, c``, with the products ``config`` asks to keep.
+
+        ``identity_factors``: ``k`` and ``c`` are the identity (at ``init``), so their
+        products are too, with no ``d^3`` product at start-up.
+        """
         def outer(factor):
             mat = factor.to_dense()
-            return mat @ mat.T
+            return mat if identity_factors else mat @ mat.T
 
         return cls(config, k, c, m_k, m_c, outer(k) if config.cache_k_outer else None,
                    outer(c) if config.cache_c_outer else None)
@@ -705,7 +709,8 @@ def singd(
             if hyper.alpha1 != 0.0:
                 m_k = cfg.structure_k.zeros(cfg.dim_k, jnp.dtype(cfg.dtype_k))
                 m_c = cfg.structure_c.zeros(cfg.dim_c, jnp.dtype(cfg.dtype_c))
-            prec = LayerPreconditioner.with_outer_products(cfg, k, c, m_k, m_c)
+            prec = LayerPreconditioner.with_outer_products(cfg, k, c, m_k, m_c,
+                                                           identity_factors=True)
             precs.append(prec)
             bufs.append((jnp.zeros_like(leaves[ki]),
                          None if bi is None else jnp.zeros_like(leaves[bi])))
