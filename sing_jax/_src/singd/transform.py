@@ -144,11 +144,14 @@ class LayerPreconditioner:
         """The state for factors ``k, c``, with the products ``config`` asks to keep.
 
         ``identity_factors``: ``k`` and ``c`` are the identity (at ``init``), so their
-        products are too, with no ``d^3`` product at start-up.
+        products are too, with no ``d^3`` product at start-up. (A new identity, not
+        the factor's own array: a state holding one buffer twice cannot be donated.)
         """
         def outer(factor):
+            if identity_factors:
+                return jnp.eye(factor.dim, dtype=factor.dtype)
             mat = factor.to_dense()
-            return mat if identity_factors else mat @ mat.T
+            return mat @ mat.T
 
         return cls(config, k, c, m_k, m_c, outer(k) if config.cache_k_outer else None,
                    outer(c) if config.cache_c_outer else None)
