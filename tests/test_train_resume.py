@@ -191,6 +191,23 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
+def test_singd_checkpoint_without_kept_products_names_the_flag_that_restores_it(tmp_path):
+    import sing_jax
+
+    def singd_state(cache):
+        tx = sing_jax.singd(0.05, cache_outer_products=cache)
+        return train.TrainState.create(TinyConvNet(channels=4, rngs=nnx.Rngs(0)), tx, 0)
+
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    checkpointer.save(singd_state(False))  # the state layout before S S^T was kept
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"cache_outer_products=False"):
+        checkpointer.restore(singd_state(True))
+    restored = checkpointer.restore(singd_state(False))
+    checkpointer.close()
+    assert int(restored.step) == 0
+
+
 def test_foreign_workdir_refused_unless_overwrite(tmp_path):
     config = _config()
     assert ckpt_lib.prepare_workdir(str(tmp_path), config) is False

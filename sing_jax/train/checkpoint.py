@@ -133,6 +133,21 @@ def _shape_dtype(x: Any) -> Any:
                                 sharding=getattr(x, "sharding", None))
 
 
+def _kept_products_hint(template: Any) -> str:
+    """What to try when a SINGD state keeps ``S S^T`` and the checkpoint may predate that."""
+    from sing_jax._src.singd.transform import LayerPreconditioner
+
+    def is_layer(x):
+        return isinstance(x, LayerPreconditioner)
+
+    layers = [x for x in jax.tree.leaves(template, is_leaf=is_layer) if is_layer(x)]
+    if not any(lp.config.cache_k_outer or lp.config.cache_c_outer for lp in layers):
+        return ""
+    return (" If the checkpoint was written before SINGD kept S S^T for its dense factors "
+            "(state without them), restore it with config.optimizer.cache_outer_products="
+            "False (sing_jax.singd(..., cache_outer_products=False)).")
+
+
 class Checkpointer:
     """Saves and restores :class:`TrainState` checkpoints in ``workdir/checkpoints``.
 
@@ -197,6 +212,7 @@ class Checkpointer:
         stored = self.manager.item_metadata(step)["state"]
         if stored is None:
             return
+        hint = _kept_products_hint(template)
         stored_flat = {_path_name(p): tuple(getattr(m, "shape", ()))
                        for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
         for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
@@ -205,19 +221,19 @@ class Checkpointer:
                 raise CheckpointMismatchError(
                     f"checkpoint {self.directory}/{step} does not match the config: it has "
                     f"no leaf {name} (it has e.g. {sorted(stored_flat)[:4]}). It was written "
-                    "by another model/optimizer; use another workdir or --overwrite.")
+                    "by another model/optimizer; use another workdir or --overwrite." + hint)
             if stored_flat[name] != tuple(np.shape(leaf)):
                 raise CheckpointMismatchError(
                     f"checkpoint {self.directory}/{step} does not match the config: leaf "
                     f"{name} has shape {stored_flat[name]} there, {tuple(np.shape(leaf))} "
-                    "now. Use another workdir or --overwrite.")
+                    "now. Use another workdir or --overwrite." + hint)
         extra = set(stored_flat) - {_path_name(p) for p, _ in
                                     jax.tree_util.tree_flatten_with_path(template)[0]}
         if extra:
             raise CheckpointMismatchError(
                 f"checkpoint {self.directory}/{step} does not match the config: it has "
                 f"leaves the state lacks: {sorted(extra)[:4]}. Use another workdir or "
-                "--overwrite.")
+                "--overwrite." + hint)
 
     def restore(self, template: TrainState, step: int | None = None) -> TrainState | None:
         """The latest readable checkpoint (or ``step``) restored into ``template``'s layout.
