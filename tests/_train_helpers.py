@@ -1,5 +1,6 @@
 """Small models and data shared by the training tests (not a test module)."""
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -15,6 +16,24 @@ class TinyConvNet(nnx.Module):
     def __call__(self, x):
         x = nnx.relu(self.norm(self.conv(x)))
         return self.head(x.mean(axis=(1, 2)))
+
+
+class TinyResNet(nnx.Module):
+    """stem conv -> BatchNorm -> relu, two residual ``block(channels, rngs)``, mean pool,
+    dense head: the module paths (stem, stem_bn, blocks, head) the freezing and
+    regulariser tests select by."""
+
+    def __init__(self, block, channels: int = 4, classes: int = 3, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, channels, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(channels, rngs=rngs)
+        self.blocks = nnx.List([block(channels, rngs) for _ in range(2)])
+        self.head = nnx.Linear(channels, classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(x, axis=(1, 2)))
 
 
 def tiny_batch(n: int = 16, seed: int = 0, size: int = 6, num_classes: int = 3):

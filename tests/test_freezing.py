@@ -1,5 +1,7 @@
 """Freezing by regex / module type, bit-exactness, empty optimizer state, transfer learning."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 
 import sing_jax
 from sing_jax._src.regularizers import named_leaves
+from tests import _train_helpers as train_helpers
 
 # --- small models -----------------------------------------------------------------------
 
@@ -22,18 +25,7 @@ class ConvBlock(nnx.Module):
         return nnx.relu(x + self.bn(self.conv(x)))
 
 
-class TinyResNet(nnx.Module):
-    def __init__(self, channels=4, classes=3, *, rngs):
-        self.stem = nnx.Conv(1, channels, (3, 3), use_bias=False, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(channels, rngs=rngs)
-        self.blocks = nnx.List([ConvBlock(channels, rngs) for _ in range(2)])
-        self.head = nnx.Linear(channels, classes, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(jnp.mean(x, axis=(1, 2)))
+TinyResNet = functools.partial(train_helpers.TinyResNet, ConvBlock)
 
 
 class TransformerBlock(nnx.Module):

@@ -1,5 +1,6 @@
 """Decay masks, L1, max-norm and per-leaf clipping, against NumPy re-derivations."""
 
+import functools
 import warnings
 
 import jax
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import sing_jax
 from sing_jax import ChannelDims
 from sing_jax._src.regularizers import named_leaves
+from tests import _train_helpers as train_helpers
 
 
 class Block(nnx.Module):
@@ -28,18 +30,7 @@ class Block(nnx.Module):
         return nnx.relu(x + self.bn2(self.conv2(y)))
 
 
-class TinyResNet(nnx.Module):
-    def __init__(self, channels=4, classes=3, *, rngs):
-        self.stem = nnx.Conv(1, channels, (3, 3), use_bias=False, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(channels, rngs=rngs)
-        self.blocks = nnx.List([Block(channels, rngs) for _ in range(2)])
-        self.head = nnx.Linear(channels, classes, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(jnp.mean(x, axis=(1, 2)))
+TinyResNet = functools.partial(train_helpers.TinyResNet, Block)
 
 
 def resnet():
