@@ -32,7 +32,7 @@ def test_tiny_configs_build_a_model_and_optimizer(module, arg):
     # Abstract build (shapes only): the configs' keys are what is tested, not the init.
     model = nnx.eval_shape(lambda: registry.build_model(
         config.model.name, info.num_classes, info.image_shape, kwargs, 0))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = optimizers.build_optimizer(config.optimizer, 1e-3, params,
                                     detect_channel_dims=lambda: None)
     opt_state = jax.eval_shape(tx.init, params)

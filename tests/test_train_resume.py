@@ -87,7 +87,7 @@ def _final_arrays(workdir, config):
 
     model = registry.build_model("mlp", 10, (8, 8, 1), {"hidden": (16,), "norm": "batch"}, 0)
     tx = optimizers.build_optimizer(config.optimizer, optax.constant_schedule(1e-3),
-                                    nnx.state(model, nnx.Param).to_pure_dict())
+                                    nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     train.set_batch_norm_axis(model)
     template = train.TrainState.create(model, tx, rng=0)
     checkpointer = ckpt_lib.Checkpointer(str(workdir))

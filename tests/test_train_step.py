@@ -63,7 +63,7 @@ def test_step_matches_hand_written_sgd():
     batch = tiny_batch(seed=3)
     # The reference: a plain NNX gradient outside any mapped axis (BatchNorm unsynced).
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     def loss(p):
         logits = nnx.merge(graphdef, p, rest)(jnp.asarray(batch["image"]))

@@ -246,7 +246,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
         from sing_jax import detect_channel_dims
 
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        rest = rest.to_pure_dict()  # plain arrays: the probe's BatchNorm updates stay local
+        rest = nnx.to_pure_dict(rest)  # plain arrays: the probe's BatchNorm updates stay local
 
         def apply(p, x):
             m = nnx.merge(graphdef, p, rest)
@@ -255,13 +255,13 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
 
         probe = next(iter(train_pipe))["image"]
         probe = probe.reshape((-1,) + probe.shape[2:])
-        found = detect_channel_dims(apply, params.to_pure_dict(), probe)
+        found = detect_channel_dims(apply, nnx.to_pure_dict(params), probe)
         say(found.report)
         return found.spec
 
     from flax import nnx
 
-    params_for_spec = nnx.state(model, nnx.Param).to_pure_dict()
+    params_for_spec = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = optimizers.build_optimizer(config.optimizer, schedule, params_for_spec,
                                     detect_channel_dims=detect,
                                     diagnostics=config.logging.grad_norms)

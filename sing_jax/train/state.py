@@ -75,8 +75,8 @@ class TrainState:
                             f"got {type(tx).__name__}")
         model.train()
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-        params = params.to_pure_dict()
-        model_state = model_state.to_pure_dict()
+        params = nnx.to_pure_dict(params)
+        model_state = nnx.to_pure_dict(model_state)
         if isinstance(rng, int):
             rng = jax.random.key(rng)
         if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):

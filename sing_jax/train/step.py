@@ -188,8 +188,8 @@ def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
         (loss, sums), grads, captures, new_rest = functional_value_and_grad(
             forward, state.graphdef, state.params, state.model_state, (), {},
             has_aux=True, capture=capture, only=registered)
-        grads = grads.to_pure_dict() if hasattr(grads, "to_pure_dict") else grads
-        new_rest = new_rest.to_pure_dict() if hasattr(new_rest, "to_pure_dict") else new_rest
+        grads = nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
+        new_rest = nnx.to_pure_dict(new_rest) if isinstance(new_rest, nnx.State) else new_rest
         return grads, sums, new_rest, captures
 
     def captured(_):
@@ -249,7 +249,7 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
             params = _cast_floating(params, options.compute_dtype)
         model = nnx.merge(state.graphdef, params, state.model_state)
         loss, sums = forward(model)
-        new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss, (sums, new_model_state)
 
     extra_args = {}
