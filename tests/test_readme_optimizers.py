@@ -22,12 +22,17 @@ def test_plain_optax_chain_example_runs():
 
 
 def test_docstring_examples_run():
+    """Every module of the package with a ``>>>`` example in its docstrings."""
     import doctest
+    import importlib
 
-    from sing_jax._src import aliases
-
-    result = doctest.testmod(aliases, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 2 and result.failed == 0
+    package = README.parent / "sing_jax"
+    names = sorted(".".join(path.relative_to(README.parent).with_suffix("").parts)
+                   for path in package.rglob("*.py") if ">>>" in path.read_text())
+    assert "sing_jax._src.aliases" in names
+    for name in names:
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        assert result.attempted >= 1 and result.failed == 0, name
 
 
 def test_nnx_example_runs_and_keeps_the_head_euclidean():
