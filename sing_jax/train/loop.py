@@ -283,9 +283,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                           label_smoothing=config.label_smoothing,
                           grad_norms=config.logging.grad_norms,
                           aux_loss=_aux_loss_fn(config),
-                          singd=config.optimizer.name == "singd", mixing=mixing,
-                          singd_period=(1 if accum > 1 else
-                                        int(config.optimizer.get("T", 10))))
+                          singd=config.optimizer.name == "singd", mixing=mixing)
     train_step = make_train_step(tx, parallel=config.parallel, mesh=mesh, options=options)
     eval_step = make_eval_step(parallel=config.parallel, mesh=mesh)
     state = train_step.place_state(state)

@@ -148,9 +148,9 @@ class StepOptions:
         ``effective_lr/<path>`` and the global norms).
       singd: the optimizer contains :func:`sing_jax.singd`: the gradient pass also
         captures its per-layer curvature statistics (``sing_jax.singd_value_and_grad``,
-        averaged over the devices) and passes them to ``tx.update``.
-      singd_period: capture only on steps with ``step % singd_period == 0`` (SINGD's
-        ``T``; keep 1 with gradient accumulation, where steps count micro-batches).
+        averaged over the devices; computed only on the steps where a layer's
+        preconditioner is refreshed, every ``T`` of its updates) and passes them to
+        ``tx.update``.
       mixing: ``(num_classes, mixup_alpha, cutmix_alpha, label_smoothing)``: mix each
         device's shard with :func:`sing_jax.data.augment.mix_batch` (a key from
         ``(rng, step, device)``) and train on the soft labels (the ImageNet recipe).
@@ -165,50 +165,28 @@ class StepOptions:
     grad_norms: bool = False
     aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     singd: bool = False
-    singd_period: int = 1
     mixing: tuple[int, float, float, float] | None = None
 
 
-def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any],
-                      options: StepOptions):
+def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any]):
     """Gradients, metric sums, new model state and SINGD curvature of one shard.
 
     The layer inputs and output gradients are captured in the same backward pass
-    (``sing_jax``'s SINGD capture) on steps where the preconditioner is refreshed
-    (``step % singd_period == 0``); the curvature is averaged over ``'data'``.
+    (``sing_jax``'s SINGD capture); the curvature of the layers whose preconditioner
+    is refreshed at this step is averaged over ``'data'``, the others get zeros
+    (:func:`sing_jax._src.singd.transform.refreshed_curvature`).
     """
-    from sing_jax import singd_curvature
     from sing_jax._src.singd.capture import functional_value_and_grad
-    from sing_jax._src.singd.transform import _find_singd_state
+    from sing_jax._src.singd.transform import _find_singd_state, refreshed_curvature
 
     registered = [lp.config.path for lp in _find_singd_state(state.opt_state).layers]
-
-    def run(capture: bool):
-        # Plain-array model state: every merge builds fresh variables inside this trace.
-        (loss, sums), grads, captures, new_rest = functional_value_and_grad(
-            forward, state.graphdef, state.params, state.model_state, (), {},
-            has_aux=True, capture=capture, only=registered)
-        grads = nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
-        new_rest = nnx.to_pure_dict(new_rest) if isinstance(new_rest, nnx.State) else new_rest
-        return grads, sums, new_rest, captures
-
-    def captured(_):
-        grads, sums, new_rest, captures = run(True)
-        return grads, sums, new_rest, singd_curvature(state.opt_state, captures, AXIS)
-
-    period = options.singd_period
-    if period <= 1:
-        grads, sums, new_rest, stats = captured(None)
-    else:
-        shapes = jax.eval_shape(captured, None)[3]
-
-        def skipped(_):
-            grads, sums, new_rest, _ = run(False)
-            return grads, sums, new_rest, jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-        grads, sums, new_rest, stats = jax.lax.cond(state.step % period == 0, captured,
-                                                    skipped, None)
+    # Plain-array model state: every merge builds fresh variables inside this trace.
+    (loss, sums), grads, captures, new_rest = functional_value_and_grad(
+        forward, state.graphdef, state.params, state.model_state, (), {},
+        has_aux=True, capture=True, only=registered)
+    grads = nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
+    new_rest = nnx.to_pure_dict(new_rest) if isinstance(new_rest, nnx.State) else new_rest
+    stats = refreshed_curvature(state.opt_state, captures, AXIS)
     return jax.lax.pmean(grads, AXIS), sums, new_rest, stats
 
 
@@ -254,7 +232,7 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
 
     extra_args = {}
     if options.singd:
-        grads, sums, model_state, stats = _singd_gradients(state, forward, options)
+        grads, sums, model_state, stats = _singd_gradients(state, forward)
         extra_args["singd_stats"] = stats
     else:
         grads, (sums, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
