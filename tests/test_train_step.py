@@ -169,8 +169,8 @@ def _convolutions(jaxpr, inside_cond=False):
 
 def test_singd_steps_run_the_model_outside_any_conditional():
     """The forward/backward pass is never behind the refresh's ``lax.cond``: there
-    XLA:CPU runs convolutions through slow generic kernels (a small CNN's T=5 step took
-    21 ms instead of 2.5 ms). Only the curvature products may be conditional."""
+    XLA:CPU runs the backward pass's convolutions with slow kernels (a small CNN's T=5
+    step took 21 ms instead of 2.5 ms). Only the curvature products may be conditional."""
     import sing_jax
 
     tx = sing_jax.singd(learning_rate=0.05, T=5)

@@ -394,9 +394,10 @@ def refreshed_curvature(opt_state: Any, captures: Mapping[str, capture_lib.Layer
     a ``lax.cond``. Only the curvature: take the captures outside the conditional,
     from a forward/backward pass that always captures. Under ``jit`` that capture
     is nearly free (the layer inputs are kept for the backward pass anyway, and the
-    output cotangents are computed anyway), while a forward/backward pass inside a
-    ``lax.cond`` runs convolutions through slow generic kernels on XLA:CPU (a small
-    CNN's step 2.8 -> 21 ms).
+    output cotangents are computed anyway), while inside a ``lax.cond`` XLA:CPU (jaxlib
+    0.10) runs the backward pass's convolutions with slow kernels: a 3x3 conv's kernel
+    gradient on a 64x8x8x16 input took 12.4 ms there against 0.57 ms outside, and a
+    small CNN's SINGD train step 21 ms against 2.5 ms.
     """
     state = _find_singd_state(opt_state)
     _check_captured(state, captures)
