@@ -18,6 +18,30 @@ class TinyConvNet(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
+class ConvBNNet(nnx.Module):
+    """conv (no bias) -> BatchNorm -> relu -> mean pool -> dense head, on RGB images:
+    the README's NNX example model."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
+
+
+class ResidualConvBlock(nnx.Module):
+    """x + BatchNorm(conv(x)), then relu."""
+
+    def __init__(self, channels: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(channels, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(x + self.bn(self.conv(x)))
+
+
 class TinyResNet(nnx.Module):
     """stem conv -> BatchNorm -> relu, two residual ``block(channels, rngs)``, mean pool,
     dense head: the module paths (stem, stem_bn, blocks, head) the freezing and

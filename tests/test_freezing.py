@@ -16,16 +16,7 @@ from tests import _train_helpers as train_helpers
 # --- small models -----------------------------------------------------------------------
 
 
-class ConvBlock(nnx.Module):
-    def __init__(self, channels, rngs):
-        self.conv = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
-        self.bn = nnx.BatchNorm(channels, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.relu(x + self.bn(self.conv(x)))
-
-
-TinyResNet = functools.partial(train_helpers.TinyResNet, ConvBlock)
+TinyResNet = functools.partial(train_helpers.TinyResNet, train_helpers.ResidualConvBlock)
 
 
 class TransformerBlock(nnx.Module):

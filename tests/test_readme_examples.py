@@ -56,25 +56,6 @@ def _run(heading: str, n: int = 1, **names) -> dict:
     return namespace
 
 
-class ConvBNNet(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
-        self.bn = nnx.BatchNorm(4, rngs=rngs)
-        self.head = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
-
-
-class ResidualBlock(nnx.Module):
-    def __init__(self, channels, rngs):
-        self.conv = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
-        self.bn = nnx.BatchNorm(channels, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.relu(x + self.bn(self.conv(x)))
-
-
 class LayerNormNet(nnx.Module):
     def __init__(self, rngs):
         self.dense = nnx.Linear(6, 8, rngs=rngs)
@@ -95,7 +76,7 @@ def test_every_readme_block_is_run():
 
 
 def _channel_dims():
-    model = ConvBNNet(nnx.Rngs(0))
+    model = _train_helpers.ConvBNNet(nnx.Rngs(0))
     model.train()  # batch statistics: the scale invariance detect_channel_dims probes
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.as_pure(rest)  # plain arrays: the probes' BatchNorm updates stay local
@@ -115,7 +96,7 @@ def _singd():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "SINGD layer_overrides: pattern .embed.")  # none here
         ns = _run("SINGD: structured inverse-free natural gradient (`sing_jax.singd`)",
-                  model=ConvBNNet(nnx.Rngs(0)), loss_fn=loss_fn)
+                  model=_train_helpers.ConvBNNet(nnx.Rngs(0)), loss_fn=loss_fn)
     params, rest, opt_state = ns["params"], ns["rest"], ns["opt_state"]
     x, y = jax.random.normal(jax.random.key(1), (8, 6, 6, 3)), jnp.arange(8) % 2
     losses = []
@@ -160,7 +141,7 @@ def _freezing():
 
 
 def _transfer():
-    my_net = functools.partial(_train_helpers.TinyResNet, ResidualBlock)
+    my_net = functools.partial(_train_helpers.TinyResNet, _train_helpers.ResidualConvBlock)
 
     def MyNet(num_classes, rngs):  # noqa: N802 (a class in the README's words)
         return my_net(classes=num_classes, rngs=rngs)

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+from tests._train_helpers import ConvBNNet
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -43,19 +45,10 @@ def test_nnx_example_runs_and_keeps_the_head_euclidean():
 
     import sing_jax
 
-    class MyModel(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
-            self.bn = nnx.BatchNorm(4, rngs=rngs)
-            self.head = nnx.Linear(4, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
-
     def loss_fn(logits, labels):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    namespace = {"MyModel": MyModel, "loss_fn": loss_fn, "sing_jax": sing_jax, "nnx": nnx}
+    namespace = {"MyModel": ConvBNNet, "loss_fn": loss_fn, "sing_jax": sing_jax, "nnx": nnx}
     exec(python_block_after("### With Flax NNX"), namespace)
     assert namespace["spec"]["conv"]["kernel"] == sing_jax.ChannelDims((-1,))
     assert namespace["spec"]["head"]["kernel"] is None
