@@ -238,6 +238,10 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
     schedule = optimizers.build_schedule(config.schedule, config.optimizer.learning_rate,
                                          max(1, steps_per_epoch // accum), config.num_epochs)
+    # The learning rate the logs record, as one compiled function compiled here: as
+    # eager ops it compiled a few small kernels inside the first epoch's timed steps.
+    learning_rate_at = jax.jit(schedule)
+    learning_rate_at(0)
     train_iter = iter(train_pipe)
 
     def detect():
@@ -332,7 +336,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                 if config.logging.every_steps and step % config.logging.every_steps == 0:
                     host = to_host(metrics)
                     record = {k: float(v) for k, v in host.items()}
-                    record["learning_rate"] = float(schedule(step // accum))
+                    record["learning_rate"] = float(learning_rate_at(step // accum))
                     record["epoch"] = step / steps_per_epoch
                     logger.write(step, "train", record)
                     progress.update(1, loss=record["loss"])
@@ -350,7 +354,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
             count = max(float(sums["count"]), 1.0)
             record = {"epoch": epoch + 1, "train_loss": float(sums["loss_sum"]) / count,
                       "train_accuracy": float(sums["correct_sum"]) / count,
-                      "learning_rate": float(schedule(step // accum))}
+                      "learning_rate": float(learning_rate_at(step // accum))}
             if valid_pipe is not None:
                 valid = _evaluate(eval_step, state, valid_pipe)
                 record.update(valid_loss=valid["loss"], valid_accuracy=valid["accuracy"])
