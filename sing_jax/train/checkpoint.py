@@ -141,7 +141,7 @@ def _kept_products_hint(template: Any) -> str:
         return isinstance(x, LayerPreconditioner)
 
     layers = [x for x in jax.tree.leaves(template, is_leaf=is_layer) if is_layer(x)]
-    if not any(lp.config.cache_k_outer or lp.config.cache_c_outer for lp in layers):
+    if not any(lp.config.keeps_outer_products for lp in layers):
         return ""
     return (" If the checkpoint was written before SINGD kept S S^T for its dense factors "
             "(state without them), restore it with config.optimizer.cache_outer_products="
@@ -212,28 +212,29 @@ class Checkpointer:
         stored = self.manager.item_metadata(step)["state"]
         if stored is None:
             return
-        hint = _kept_products_hint(template)
         stored_flat = {_path_name(p): tuple(getattr(m, "shape", ()))
                        for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+        template_flat = jax.tree_util.tree_flatten_with_path(template)[0]
+
+        def mismatch(detail: str) -> CheckpointMismatchError:
+            return CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not match the config: {detail}"
+                + _kept_products_hint(template))
+
+        for path, leaf in template_flat:
             name = _path_name(path)
             if name not in stored_flat:
-                raise CheckpointMismatchError(
-                    f"checkpoint {self.directory}/{step} does not match the config: it has "
-                    f"no leaf {name} (it has e.g. {sorted(stored_flat)[:4]}). It was written "
-                    "by another model/optimizer; use another workdir or --overwrite." + hint)
+                raise mismatch(
+                    f"it has no leaf {name} (it has e.g. {sorted(stored_flat)[:4]}). It was "
+                    "written by another model/optimizer; use another workdir or --overwrite.")
             if stored_flat[name] != tuple(np.shape(leaf)):
-                raise CheckpointMismatchError(
-                    f"checkpoint {self.directory}/{step} does not match the config: leaf "
-                    f"{name} has shape {stored_flat[name]} there, {tuple(np.shape(leaf))} "
-                    "now. Use another workdir or --overwrite." + hint)
-        extra = set(stored_flat) - {_path_name(p) for p, _ in
-                                    jax.tree_util.tree_flatten_with_path(template)[0]}
+                raise mismatch(
+                    f"leaf {name} has shape {stored_flat[name]} there, "
+                    f"{tuple(np.shape(leaf))} now. Use another workdir or --overwrite.")
+        extra = set(stored_flat) - {_path_name(p) for p, _ in template_flat}
         if extra:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match the config: it has "
-                f"leaves the state lacks: {sorted(extra)[:4]}. Use another workdir or "
-                "--overwrite." + hint)
+            raise mismatch(f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another "
+                           "workdir or --overwrite.")
 
     def restore(self, template: TrainState, step: int | None = None) -> TrainState | None:
         """The latest readable checkpoint (or ``step``) restored into ``template``'s layout.

@@ -114,6 +114,10 @@ class LayerConfig:
     cache_k_outer: bool = False
     cache_c_outer: bool = False
 
+    @property
+    def keeps_outer_products(self) -> bool:
+        return self.cache_k_outer or self.cache_c_outer
+
 
 def _caches_outer(spec: structures_lib.StructureSpec, dim: int, other_dim: int, period: int,
                   enabled: bool) -> bool:
@@ -158,7 +162,7 @@ class LayerPreconditioner:
 
     def tree_flatten(self):
         children = (self.k, self.c, self.m_k, self.m_c)
-        if self.config.cache_k_outer or self.config.cache_c_outer:
+        if self.config.keeps_outer_products:
             # Only then: a state without kept products has the layout it always had,
             # so checkpoints written before they existed restore into it.
             children += (self.k_outer, self.c_outer)
