@@ -179,11 +179,8 @@ def test_singd_steps_run_the_model_outside_any_conditional():
                                  options=train.StepOptions(singd=True))
     state = step.place_state(state)
     batch = tiny_batch()
-    jaxpr = jax.make_jaxpr(step._fn)(state.replace(data_state=None), step.place_batch(batch))
-    images = batch["image"].shape
-    convs = _convolutions(jaxpr.jaxpr)
-    assert any(shape == images and not in_cond for shape, in_cond in convs)  # the forward
-    assert not [shape for shape, in_cond in convs if in_cond], convs
+    train_jaxpr = jax.make_jaxpr(step._fn)(state.replace(data_state=None),
+                                           step.place_batch(batch))
 
     # The same for the library helper under jit, where the step count is traced.
     graphdef, params, rest = nnx.split(TinyConvNet(rngs=nnx.Rngs(0)), nnx.Param, ...)
@@ -197,11 +194,13 @@ def test_singd_steps_run_the_model_outside_any_conditional():
                                                           opt_state=opt_state)
         return tx.update(grads, opt_state, params, singd_stats=stats)
 
-    jaxpr = jax.make_jaxpr(library_step)(params, tx.init(params), batch["image"],
-                                         batch["label"])
-    convs = _convolutions(jaxpr.jaxpr)
-    assert any(shape == images and not in_cond for shape, in_cond in convs)
-    assert not [shape for shape, in_cond in convs if in_cond], convs
+    library_jaxpr = jax.make_jaxpr(library_step)(params, tx.init(params), batch["image"],
+                                                 batch["label"])
+    images = batch["image"].shape
+    for jaxpr in (train_jaxpr, library_jaxpr):
+        convs = _convolutions(jaxpr.jaxpr)
+        assert any(shape == images and not in_cond for shape, in_cond in convs)  # forward
+        assert not [shape for shape, in_cond in convs if in_cond], convs
 
 
 def test_mixup_cutmix_in_the_step_trains_on_soft_labels():

@@ -184,8 +184,9 @@ def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any]):
     (loss, sums), grads, captures, new_rest = functional_value_and_grad(
         forward, state.graphdef, state.params, state.model_state, (), {},
         has_aux=True, capture=True, only=registered)
-    grads = nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
-    new_rest = nnx.to_pure_dict(new_rest) if isinstance(new_rest, nnx.State) else new_rest
+    # The params are plain dicts, so are their gradients; the new model state is an
+    # nnx.State, made plain like the state it replaces.
+    new_rest = nnx.to_pure_dict(new_rest)
     stats = refreshed_curvature(state.opt_state, captures, AXIS)
     return jax.lax.pmean(grads, AXIS), sums, new_rest, stats
 
