@@ -174,6 +174,17 @@ def test_block_diagonal_with_one_block_is_dense_for_non_symmetric_matrices():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [S._SYMMETRIC_GRAM_MIN_DIM, S._SYMMETRIC_GRAM_MIN_DIM + 1])
+def test_dense_gram_of_a_wide_factor_comes_from_symmetric_half_blocks(dim):
+    # From this width K^T K is three half-size products (even and odd halves); it must
+    # still be K^T K, now exactly symmetric.
+    rng = np.random.default_rng(3)
+    k = rng.normal(size=(dim, dim)) / np.sqrt(dim) + np.eye(dim)
+    got = np.asarray(S.DenseMatrix(jnp.asarray(k, jnp.float32)).from_inner().to_dense())
+    np.testing.assert_allclose(got, k.T @ k, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(got, got.T)
+
+
 @pytest.mark.parametrize("symmetric_blocks", [False, True])
 def test_block_diagonal_products_are_the_same_on_every_backend_path(symmetric_blocks,
                                                                      monkeypatch):

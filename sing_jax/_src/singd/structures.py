@@ -278,6 +278,31 @@ def _eye_like(dim: int, dtype: Any) -> Array:
     return jnp.eye(dim, dtype=dtype)
 
 
+# Below this width the three half-size products of _square_gram cost more than one
+# full one on XLA:CPU (d = 577: 1.02 against 0.95 ms; d = 768: 1.87 against 2.05 ms).
+_SYMMETRIC_GRAM_MIN_DIM = 768
+
+
+def _square_gram(mat: Array) -> Array:
+    r""":math:`M^\top M` for a square :math:`M`, from three of its four half blocks.
+
+    With :math:`M = [M_1\; M_2]` split by columns, the product is
+    :math:`\begin{bmatrix} M_1^\top M_1 & M_1^\top M_2 \\ (M_1^\top M_2)^\top & M_2^\top M_2
+    \end{bmatrix}`: three quarters of the flops, and exactly symmetric. Dense SINGD's
+    :math:`K^\top K` at T = 1 is flop-bound on CPU (d = 785 / 1024 / 1025: 2.1 / 5.3 /
+    4.8 ms as one product, 1.8 / 4.4 / 4.1 ms by blocks). Not used for thin inputs
+    (``rows @ S``, 128 rows), whose products are bound by writing the output.
+    """
+    dim = mat.shape[1]
+    if dim < _SYMMETRIC_GRAM_MIN_DIM:
+        return mat.T @ mat
+    half = (dim + 1) // 2
+    left, right = mat[:, :half], mat[:, half:]
+    cross = left.T @ right
+    return jnp.concatenate([jnp.concatenate([left.T @ left, cross], axis=1),
+                            jnp.concatenate([cross.T, right.T @ right], axis=1)], axis=0)
+
+
 # ------------------------------------------------------------------------------------
 class DenseMatrix(StructuredMatrix):
     r"""A full :math:`d \times d` matrix. Memory: :math:`d^2` numbers."""
@@ -315,7 +340,7 @@ class DenseMatrix(StructuredMatrix):
 
     def from_inner(self, mat: Array | None = None) -> DenseMatrix:
         if mat is None:
-            return DenseMatrix(self.mat.T @ self.mat)
+            return DenseMatrix(_square_gram(self.mat))
         s = self.mat.T @ mat
         return DenseMatrix(s @ s.T)
 
