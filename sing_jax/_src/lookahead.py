@@ -71,10 +71,13 @@ def lookahead(sync_period: int = 5, alpha: float = 0.5) -> optax.GradientTransfo
         slow = lookahead_slow_weights(state, params)
         count = state.count + 1
         sync = count >= sync_period
-        pull = jnp.where(sync, 1 - alpha, 0.0)
         # On a sync: p + u + (1 - alpha)(slow - p - u) = alpha (p + u) + (1 - alpha) slow.
+        # A select on the scalar ``sync`` rather than ``u + pull * (s - p - u)`` with
+        # ``pull = 0`` between syncs: XLA:CPU's loop then reads the slow weights only on
+        # syncs (bench_optimizers, SING on ResNet-18: 12.5-12.9 -> 11.8-12.2 ms).
         new_updates = jax.tree.map(
-            lambda u, p, s: (u + pull * (s - p - u)).astype(u.dtype), updates, params, slow)
+            lambda u, p, s: jnp.where(sync, u + (1 - alpha) * (s - p - u), u).astype(u.dtype),
+            updates, params, slow)
         return new_updates, LookaheadState(jnp.where(sync, 0, count).astype(jnp.int32),
                                            sync, slow)
 
