@@ -174,15 +174,20 @@ def test_block_diagonal_with_one_block_is_dense_for_non_symmetric_matrices():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("dim", [S._SYMMETRIC_GRAM_MIN_DIM, S._SYMMETRIC_GRAM_MIN_DIM + 1])
-def test_dense_gram_of_a_wide_factor_comes_from_symmetric_half_blocks(dim):
-    # From this width K^T K is three half-size products (even and odd halves); it must
-    # still be K^T K, now exactly symmetric.
+@pytest.mark.parametrize("dim", [S._SYMMETRIC_PRODUCT_MIN_DIM, S._SYMMETRIC_PRODUCT_MIN_DIM + 1])
+def test_wide_symmetric_products_come_from_half_blocks(dim):
+    # From this width K^T K and K K^T are three half-size products (even and odd
+    # halves); they must still be those products, now exactly symmetric.
     rng = np.random.default_rng(3)
     k = rng.normal(size=(dim, dim)) / np.sqrt(dim) + np.eye(dim)
-    got = np.asarray(S.DenseMatrix(jnp.asarray(k, jnp.float32)).from_inner().to_dense())
-    np.testing.assert_allclose(got, k.T @ k, rtol=2e-5, atol=2e-5)
-    np.testing.assert_array_equal(got, got.T)
+    k32 = jnp.asarray(k, jnp.float32)
+    gram = np.asarray(S.DenseMatrix(k32).from_inner().to_dense())
+    outer = np.asarray(S.square_outer(k32))
+    for got, want in ((gram, k.T @ k), (outer, k @ k.T)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(got, got.T)
+    assert S.symmetric_product_cost(dim) == 0.75
+    assert S.symmetric_product_cost(S._SYMMETRIC_PRODUCT_MIN_DIM - 1) == 1.0
 
 
 @pytest.mark.parametrize("symmetric_blocks", [False, True])

@@ -712,3 +712,45 @@ def test_layers_inside_transforms_get_clear_errors():
     per_example = lambda m, x, y: jnp.mean(jax.vmap(lambda a: m(a))(x) - y)  # noqa: E731
     with pytest.raises(ValueError, match=r"inside a JAX transform.*jax.vmap"):
         sing_jax.singd_value_and_grad(per_example, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), x, y)
+
+
+@quiet
+def test_wide_factors_refreshed_every_step_take_half_block_products(monkeypatch):
+    # A 767 -> 768 linear layer (d_K = 768 with its bias) at T = 1: K^T K, C^T C and the
+    # kept S S^T come from three half-size products each, which also makes keeping
+    # K K^T pay (3/4 * 768 < 768 columns). Training is the same as with whole products.
+    class Wide(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(767, 768, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    x = jax.random.normal(jax.random.key(1), (16, 767))
+    y = jax.random.normal(jax.random.key(2), (16, 768))
+
+    def run():
+        model = Wide(nnx.Rngs(0))
+        tx = sing_jax.singd(0.05, T=1, lr_cov=0.05, damping=0.1)
+        state = tx.init(nnx.state(model, nnx.Param))
+        for _ in range(3):
+            (_, grads), stats = sing_jax.singd_value_and_grad(loss_fn, model, x, y,
+                                                             opt_state=state)
+            params = nnx.state(model, nnx.Param)
+            updates, state = tx.update(grads, state, params, singd_stats=stats)
+            nnx.update(model, optax.apply_updates(params, updates))
+        return nnx.state(model, nnx.Param), state.layers[0]
+
+    params, layer = run()
+    assert layer.config.cache_k_outer and layer.config.cache_c_outer
+    k = np.asarray(layer.k.to_dense())
+    np.testing.assert_array_equal(layer.k_outer, layer.k_outer.T)
+    np.testing.assert_allclose(layer.k_outer, k @ k.T, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setattr(S, "_SYMMETRIC_PRODUCT_MIN_DIM", 10**9)  # whole products only
+    plain_params, plain_layer = run()
+    assert not plain_layer.config.cache_k_outer  # 768 < 768 columns does not hold
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(layer.k.to_dense(), plain_layer.k.to_dense(), rtol=1e-4,
+                               atol=1e-6)

@@ -128,8 +128,9 @@ def _tiny_state(channels=4):
     return train.TrainState.create(TinyConvNet(channels=channels, rngs=nnx.Rngs(0)), tx, 0), tx
 
 
-def _train_some(state, tx, steps):
-    step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:1]))
+def _train_some(state, tx, steps, options=None):
+    step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:1]),
+                                 options=options or train.StepOptions())
     state = step.place_state(state)
     for i in range(steps):
         state, _ = step(state, tiny_batch(seed=i))
@@ -191,21 +192,47 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
-def test_singd_checkpoint_without_kept_products_names_the_flag_that_restores_it(tmp_path):
+@pytest.mark.parametrize("saved_cache, restored_cache", [(False, True), (True, False)])
+def test_singd_checkpoints_restore_whatever_products_they_keep(tmp_path, saved_cache,
+                                                               restored_cache):
+    # S S^T is derived from S: a checkpoint written with other kept products (another
+    # cache_outer_products, or an earlier version's choice of factors) restores, the
+    # products the state keeps are formed from the restored factors, and training
+    # goes on as it would have.
     import sing_jax
+    from sing_jax._src.singd.transform import LayerPreconditioner
 
-    def singd_state(cache):
-        tx = sing_jax.singd(0.05, cache_outer_products=cache)
-        return train.TrainState.create(TinyConvNet(channels=4, rngs=nnx.Rngs(0)), tx, 0)
+    def singd(cache):
+        tx = sing_jax.singd(0.05, T=2, lr_cov=0.05, cache_outer_products=cache)
+        return train.TrainState.create(TinyConvNet(channels=4, rngs=nnx.Rngs(0)), tx, 0), tx
 
+    saved, saved_tx = singd(saved_cache)
+    singd_step = train.StepOptions(singd=True)
+    saved = _train_some(saved, saved_tx, 3, singd_step)
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
-    checkpointer.save(singd_state(False))  # the state layout before S S^T was kept
-    with pytest.raises(ckpt_lib.CheckpointMismatchError,
-                       match=r"cache_outer_products=False"):
-        checkpointer.restore(singd_state(True))
-    restored = checkpointer.restore(singd_state(False))
+    checkpointer.save(saved)
+    template, tx = singd(restored_cache)
+    restored = checkpointer.restore(template)
     checkpointer.close()
-    assert int(restored.step) == 0
+    assert int(restored.step) == 3
+
+    layers = [x for x in jax.tree.leaves(restored.opt_state,
+                                          is_leaf=lambda x: isinstance(x, LayerPreconditioner))
+              if isinstance(x, LayerPreconditioner)]
+    assert layers and all(lp.config.keeps_outer_products == restored_cache for lp in layers)
+    for lp in layers:
+        for factor, kept in ((lp.k, lp.k_outer), (lp.c, lp.c_outer)):
+            if kept is not None:
+                mat = np.asarray(factor.to_dense())
+                np.testing.assert_allclose(kept, mat @ mat.T, rtol=1e-5, atol=1e-6)
+    assert (jax.tree.structure(restored.opt_state) == jax.tree.structure(template.opt_state))
+
+    def params_after(state, tx, steps):
+        return jax.tree.leaves(_train_some(state, tx, steps, singd_step).params)
+
+    for a, b in zip(params_after(restored, tx, 2), params_after(saved, saved_tx, 2),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_foreign_workdir_refused_unless_overwrite(tmp_path):

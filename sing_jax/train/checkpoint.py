@@ -18,7 +18,9 @@ Safety:
   with a ValueError naming the differing keys; nothing is written. ``overwrite=True``
   deletes its checkpoints and metrics first.
 - a checkpoint whose arrays do not match the state (another model or optimizer) is a
-  ValueError naming the first differing leaf.
+  ValueError naming the first differing leaf. SINGD's kept products ``S S^T`` are
+  derived from its factors: where a checkpoint keeps other ones than the state
+  (``cache_outer_products``, or an earlier version's choice), they are formed anew.
 - a latest checkpoint that cannot be read (a crash while writing, a truncated file)
   is skipped with a warning and the previous one is restored.
 """
@@ -133,19 +135,45 @@ def _shape_dtype(x: Any) -> Any:
                                 sharding=getattr(x, "sharding", None))
 
 
-def _kept_products_hint(template: Any) -> str:
-    """What to try when a SINGD state keeps ``S S^T`` and the checkpoint may predate that."""
+def _map_singd_layers(fn: Any, tree: Any, *rest: Any) -> Any:
+    """``fn(path_name, layer, *rest_layers)`` on every SINGD layer state in ``tree``."""
     from sing_jax._src.singd.transform import LayerPreconditioner
 
     def is_layer(x):
         return isinstance(x, LayerPreconditioner)
 
-    layers = [x for x in jax.tree.leaves(template, is_leaf=is_layer) if is_layer(x)]
-    if not any(lp.config.keeps_outer_products for lp in layers):
-        return ""
-    return (" If the checkpoint was written before SINGD kept S S^T for its dense factors "
-            "(state without them), restore it with config.optimizer.cache_outer_products="
-            "False (sing_jax.singd(..., cache_outer_products=False)).")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, *r: fn(_path_name(path), x, *r) if is_layer(x) else x,
+        tree, *rest, is_leaf=is_layer)
+
+
+def _kept_products_as_stored(abstract: dict[str, Any], stored_names: Any) -> dict[str, Any]:
+    """``abstract`` with every SINGD layer keeping ``K K^T`` / ``C C^T`` where the
+    checkpoint does (children 4 and 5 of a layer's state). Those products are derived
+    from the factors, so a checkpoint written with other ones (another
+    ``cache_outer_products``, another version's choice of which factors keep one)
+    restores; :func:`_kept_products_as_template` forms the ones the template keeps."""
+
+    def as_stored(name, layer):
+        keep_k, keep_c = f"{name}/4" in stored_names, f"{name}/5" in stored_names
+        if (keep_k, keep_c) == (layer.config.cache_k_outer, layer.config.cache_c_outer):
+            return layer
+        try:
+            return layer.with_kept_products(keep_k, keep_c)
+        except ValueError:  # not a dense factor: the shape check reports the mismatch
+            return layer
+
+    return _map_singd_layers(as_stored, abstract)
+
+
+def _kept_products_as_template(restored: dict[str, Any], template: dict[str, Any],
+                               ) -> dict[str, Any]:
+    def as_template(name, layer, template_layer):
+        del name
+        return layer.with_kept_products(template_layer.config.cache_k_outer,
+                                        template_layer.config.cache_c_outer)
+
+    return _map_singd_layers(as_template, restored, template)
 
 
 class Checkpointer:
@@ -208,18 +236,23 @@ class Checkpointer:
                 best, best_value = step, metrics[BEST_METRIC]
         return best
 
-    def _check_matches(self, step: int, template: dict[str, Any]) -> None:
+    def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """Leaf name -> shape of the arrays in checkpoint ``step`` (None: no metadata)."""
         stored = self.manager.item_metadata(step)["state"]
         if stored is None:
+            return None
+        return {_path_name(p): tuple(getattr(m, "shape", ()))
+                for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+
+    def _check_matches(self, step: int, template: dict[str, Any],
+                       stored_flat: dict[str, tuple[int, ...]] | None) -> None:
+        if stored_flat is None:
             return
-        stored_flat = {_path_name(p): tuple(getattr(m, "shape", ()))
-                       for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
         template_flat = jax.tree_util.tree_flatten_with_path(template)[0]
 
         def mismatch(detail: str) -> CheckpointMismatchError:
             return CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match the config: {detail}"
-                + _kept_products_hint(template))
+                f"checkpoint {self.directory}/{step} does not match the config: {detail}")
 
         for path, leaf in template_flat:
             name = _path_name(path)
@@ -240,7 +273,8 @@ class Checkpointer:
         """The latest readable checkpoint (or ``step``) restored into ``template``'s layout.
 
         An unreadable latest checkpoint is skipped with a warning (the previous one
-        is tried); a checkpoint that does not match the template's structure raises.
+        is tried); a checkpoint that does not match the template's structure raises
+        (SINGD's kept products ``S S^T`` excepted: they are re-formed from the factors).
         Returns None when there is no checkpoint.
         """
         self.manager.reload()
@@ -254,21 +288,24 @@ class Checkpointer:
         failures = []
         for candidate in steps:
             try:
-                self._check_matches(candidate, abstract)
-            except CheckpointMismatchError:
-                raise
+                stored = self._stored_shapes(candidate)
             except Exception as e:  # unreadable metadata: treat like a corrupt checkpoint
                 failures.append((candidate, e))
                 self._warn_fallback(candidate, e, steps)
                 continue
+            layout = abstract if stored is None else _kept_products_as_stored(abstract, stored)
+            self._check_matches(candidate, layout, stored)
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(layout), data=ocp.args.JsonRestore()))
             except Exception as e:  # a truncated or missing file in the checkpoint
                 failures.append((candidate, e))
                 self._warn_fallback(candidate, e, steps)
                 continue
-            return template.with_arrays(restored["state"]).replace(
+            arrays = restored["state"]
+            if stored is not None:
+                arrays = _kept_products_as_template(arrays, abstract)
+            return template.with_arrays(arrays).replace(
                 data_state=restored["data"]["data_state"])
         if failures:
             raise ValueError(

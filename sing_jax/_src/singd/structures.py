@@ -278,29 +278,52 @@ def _eye_like(dim: int, dtype: Any) -> Array:
     return jnp.eye(dim, dtype=dtype)
 
 
-# Below this width the three half-size products of _square_gram cost more than one
-# full one on XLA:CPU (d = 577: 1.02 against 0.95 ms; d = 768: 1.87 against 2.05 ms).
-_SYMMETRIC_GRAM_MIN_DIM = 768
+# Below this width the three half-size products of square_gram / square_outer cost
+# more than one full product on XLA:CPU (d = 577: 1.02 against 0.95 ms; d = 768: 1.87
+# against 2.05 ms).
+_SYMMETRIC_PRODUCT_MIN_DIM = 768
 
 
-def _square_gram(mat: Array) -> Array:
+def symmetric_product_cost(dim: int) -> float:
+    """The flops of :func:`square_gram` / :func:`square_outer` of a ``dim x dim``
+    matrix, as a fraction of one ``dim x dim`` matrix product."""
+    return 0.75 if dim >= _SYMMETRIC_PRODUCT_MIN_DIM else 1.0
+
+
+def _symmetric_from_half_blocks(top_left: Array, top_right: Array,
+                                bottom_right: Array) -> Array:
+    return jnp.concatenate([jnp.concatenate([top_left, top_right], axis=1),
+                            jnp.concatenate([top_right.T, bottom_right], axis=1)], axis=0)
+
+
+def square_gram(mat: Array) -> Array:
     r""":math:`M^\top M` for a square :math:`M`, from three of its four half blocks.
 
     With :math:`M = [M_1\; M_2]` split by columns, the product is
     :math:`\begin{bmatrix} M_1^\top M_1 & M_1^\top M_2 \\ (M_1^\top M_2)^\top & M_2^\top M_2
     \end{bmatrix}`: three quarters of the flops, and exactly symmetric. Dense SINGD's
     :math:`K^\top K` at T = 1 is flop-bound on CPU (d = 785 / 1024 / 1025: 2.1 / 5.3 /
-    4.8 ms as one product, 1.8 / 4.4 / 4.1 ms by blocks). Not used for thin inputs
-    (``rows @ S``, 128 rows), whose products are bound by writing the output.
+    4.8 ms as one product, 1.8 / 4.4 / 4.1 ms by blocks). Not for thin inputs
+    (``rows @ S``, 128 rows): their products are bound by writing the output. The
+    optimizer uses it where the factors are refreshed on every step (T = 1).
     """
     dim = mat.shape[1]
-    if dim < _SYMMETRIC_GRAM_MIN_DIM:
+    if dim < _SYMMETRIC_PRODUCT_MIN_DIM:
         return mat.T @ mat
     half = (dim + 1) // 2
     left, right = mat[:, :half], mat[:, half:]
-    cross = left.T @ right
-    return jnp.concatenate([jnp.concatenate([left.T @ left, cross], axis=1),
-                            jnp.concatenate([cross.T, right.T @ right], axis=1)], axis=0)
+    return _symmetric_from_half_blocks(left.T @ left, left.T @ right, right.T @ right)
+
+
+def square_outer(mat: Array) -> Array:
+    r""":math:`M M^\top` for a square :math:`M`, from three of its four half blocks
+    (:math:`M` split by rows; see :func:`square_gram`)."""
+    dim = mat.shape[0]
+    if dim < _SYMMETRIC_PRODUCT_MIN_DIM:
+        return mat @ mat.T
+    half = (dim + 1) // 2
+    top, bottom = mat[:half], mat[half:]
+    return _symmetric_from_half_blocks(top @ top.T, top @ bottom.T, bottom @ bottom.T)
 
 
 # ------------------------------------------------------------------------------------
@@ -340,7 +363,7 @@ class DenseMatrix(StructuredMatrix):
 
     def from_inner(self, mat: Array | None = None) -> DenseMatrix:
         if mat is None:
-            return DenseMatrix(_square_gram(self.mat))
+            return DenseMatrix(self.mat.T @ self.mat)
         s = self.mat.T @ mat
         return DenseMatrix(s @ s.T)
 

@@ -125,11 +125,28 @@ def _caches_outer(spec: structures_lib.StructureSpec, dim: int, other_dim: int, 
 
     Each step the natural gradient applies ``S S^T`` to a ``dim x other_dim`` matrix:
     ``S (S^T Y)`` costs ``2 dim^2 other_dim`` multiply-adds, ``(S S^T) Y`` half that
-    once ``S S^T`` is known, and forming it costs ``dim^3`` once per refresh (every
-    ``T`` steps). So keep it where ``dim < T * other_dim``, at ``dim^2`` more numbers
-    of memory. Other structures apply ``S S^T`` cheaply already.
+    once ``S S^T`` is known, and forming it costs ``dim^3`` (at T = 1 and from ``dim =
+    768``, three quarters of that: :func:`by_half_blocks`) once per refresh (every
+    ``T`` steps). So keep it where that is less, at ``dim^2`` more numbers of memory.
+    Other structures apply ``S S^T`` cheaply already.
     """
-    return enabled and spec.name == "dense" and dim < period * other_dim
+    cost = structures_lib.symmetric_product_cost(dim) if period == 1 else 1.0
+    return enabled and spec.name == "dense" and cost * dim < period * other_dim
+
+
+def by_half_blocks(config: LayerConfig) -> bool:
+    """Whether a layer forms ``S^T S`` and ``S S^T`` of its dense factors from three
+    half-size products (:func:`~sing_jax._src.singd.structures.square_gram`): only where
+    they are refreshed on every step (T = 1). For T > 1 the refresh sits in a
+    ``lax.cond``, whose half blocks add to XLA:CPU's temporary buffer of every step
+    (bench_singd's MLP at T = 10: 29.5 -> 36.6 MiB), for a saving on one step in T."""
+    return config.T == 1
+
+
+def _outer_product(factor: structures_lib.StructuredMatrix, config: LayerConfig) -> Array:
+    """The kept ``S S^T`` of a dense factor."""
+    mat = factor.to_dense()
+    return structures_lib.square_outer(mat) if by_half_blocks(config) else mat @ mat.T
 
 
 @jax.tree_util.register_pytree_node_class
@@ -154,11 +171,36 @@ class LayerPreconditioner:
         def outer(factor):
             if identity_factors:
                 return jnp.eye(factor.dim, dtype=factor.dtype)
-            mat = factor.to_dense()
-            return mat @ mat.T
+            return _outer_product(factor, config)
 
         return cls(config, k, c, m_k, m_c, outer(k) if config.cache_k_outer else None,
                    outer(c) if config.cache_c_outer else None)
+
+    def with_kept_products(self, keep_k: bool, keep_c: bool) -> LayerPreconditioner:
+        """This state keeping ``K K^T`` / ``C C^T`` or not, as asked (dense factors only).
+
+        The kept products are derived from the factors, so a checkpoint written with
+        other ones restores into any layout. A product kept on both sides is reused;
+        a new one is formed from its factor, or, for a state of
+        ``jax.ShapeDtypeStruct`` leaves, takes the factor's shape.
+        """
+        config = dataclasses.replace(self.config, cache_k_outer=keep_k, cache_c_outer=keep_c)
+
+        def product(factor, kept, keep, which):
+            if not keep:
+                return None
+            if factor.name != "dense":
+                raise ValueError(f"layer {self.config.path!r}: only a dense factor keeps "
+                                 f"its product, {which} is {factor.name}")
+            if kept is not None:
+                return kept
+            if isinstance(factor.mat, jax.ShapeDtypeStruct):
+                return factor.mat
+            return _outer_product(factor, config)
+
+        return type(self)(config, self.k, self.c, self.m_k, self.m_c,
+                          product(self.k, self.k_outer, keep_k, "K"),
+                          product(self.c, self.c_outer, keep_c, "C"))
 
     def tree_flatten(self):
         children = (self.k, self.c, self.m_k, self.m_c)
@@ -509,13 +551,21 @@ class _LayerHyper:
     normalize_lr_cov: bool
 
 
+def _factor_gram(factor: structures_lib.StructuredMatrix, half_blocks: bool,
+                 ) -> structures_lib.StructuredMatrix:
+    """``P(S^T S)``; for a dense factor by symmetric half blocks if ``half_blocks``."""
+    if half_blocks and factor.name == "dense":
+        return structures_lib.DenseMatrix(structures_lib.square_gram(factor.mat))
+    return factor.from_inner()
+
+
 def _update_factors(layer: LayerPreconditioner, curv: LayerCurvature, hyper: _LayerHyper,
                     count: Array) -> LayerPreconditioner:
     k, c = layer.k, layer.c
     num = jnp.maximum(curv.count, 1.0)
     h_k = curv.h_k * (1.0 / num).astype(k.dtype)
     h_c = curv.h_c * (1.0 / num).astype(c.dtype)
-    k_tk, c_tc = k.from_inner(), c.from_inner()
+    k_tk, c_tc = (_factor_gram(factor, by_half_blocks(layer.config)) for factor in (k, c))
     scale = 0.5 * ((1.0 - hyper.alpha1) if hyper.normalize_lr_cov else 1.0)
     damping = hyper.damping
     if hyper.kfac_like:
@@ -619,8 +669,10 @@ def singd(
         average ``H_K, H_C`` over this mapped axis (captures taken with the helper's
         ``axis_name`` are averaged over that axis without it).
       cache_outer_products: a dense factor ``S`` of dimension ``d`` keeps ``S S^T``
-        in the state, refreshed with ``S``, where that saves work: when ``d < T n``
-        for the ``n`` columns it is applied to (``d_o`` for ``K``, ``d_K`` for ``C``).
+        in the state, refreshed with ``S``, where that saves work: when ``c d < T n``
+        for the ``n`` columns it is applied to (``d_o`` for ``K``, ``d_K`` for ``C``),
+        with ``c = 3/4`` at T = 1 from ``d = 768`` (``S S^T`` by symmetric half
+        blocks), else 1.
         The natural gradient then takes one product instead of two per factor (a
         1025x1024 layer: 9.8 against 19.3 ms on CPU), for ``d^2`` more numbers per
         kept product. False keeps none (the least memory).
