@@ -235,5 +235,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from sing_jax.train import reuse_host_memory
+
+    reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     with contextlib.suppress(KeyboardInterrupt):
         main()

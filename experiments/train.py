@@ -55,7 +55,9 @@ def main(argv: list[str]) -> None:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    from sing_jax.train import train_and_evaluate
+    from sing_jax.train import reuse_host_memory, train_and_evaluate
+
+    reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
 
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     if jax.process_index() == 0:

@@ -215,3 +215,42 @@ def test_mixup_cutmix_in_the_step_trains_on_soft_labels():
     plain = run(None)
     mixed = run((3, 0.0, 1.0, 0.1))  # CutMix only, smoothed soft labels
     assert np.isfinite(mixed) and abs(mixed - plain) > 1e-3
+
+
+def test_reuse_host_memory_keeps_big_blocks_in_the_heap():
+    # In a child process (the setting is process-wide): before the call glibc maps a
+    # 64 MiB block afresh (mallinfo2's hblkhd grows), after it the heap serves it.
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import ctypes
+        from sing_jax.train import reuse_host_memory
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mapped_growth():
+            before = libc.mallinfo2().hblkhd
+            block = libc.malloc(64 << 20)
+            grown = libc.mallinfo2().hblkhd - before
+            libc.free(block)
+            return grown
+
+        first = mapped_growth()
+        applied = reuse_host_memory()
+        print(first >= 64 << 20, applied, mapped_growth() == 0)
+    """)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc only")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True", "True"], out
