@@ -147,7 +147,8 @@ def _map_singd_layers(fn: Any, tree: Any, *rest: Any) -> Any:
         tree, *rest, is_leaf=is_layer)
 
 
-def _kept_products_as_stored(abstract: dict[str, Any], stored_names: Any) -> dict[str, Any]:
+def _kept_products_as_stored(abstract: dict[str, Any], stored_names: Mapping[str, Any],
+                             ) -> dict[str, Any]:
     """``abstract`` with every SINGD layer keeping ``K K^T`` / ``C C^T`` where the
     checkpoint does (children 4 and 5 of a layer's state). Those products are derived
     from the factors, so a checkpoint written with other ones (another
