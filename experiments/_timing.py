@@ -8,6 +8,7 @@ so that noise on this shared machine hits all of them alike, and reports medians
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +30,11 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
     """Median seconds of each blocking call, the calls taking turns.
 
     ``warmup_rounds`` untimed rounds (compilation, first-touch page faults) come
-    first; then ``repeats`` rounds call each entry once, in order.
+    first; then ``repeats`` rounds call each entry once, in an order shuffled per
+    round (seeded, so runs repeat), so that no call always runs right after the
+    same other one: PyTorch's worker threads keep spinning for a while after its
+    step, which slowed the JAX step always timed next (bench_singd's MLP, diagonal:
+    3.8 ms without PyTorch in the run, 4.4 ms right after it).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -37,9 +42,11 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order, shuffler = list(calls), random.Random(0)
     for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(seconds_of(call))
+        shuffler.shuffle(order)
+        for name in order:
+            times[name].append(seconds_of(calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
