@@ -119,6 +119,17 @@ class LayerConfig:
         return self.cache_k_outer or self.cache_c_outer
 
 
+def by_half_blocks(period: int) -> bool:
+    """Whether a layer refreshed every ``period`` steps forms ``S^T S`` and ``S S^T``
+    of its dense factors from three half-size products
+    (:func:`~sing_jax._src.singd.structures.square_gram`): only at T = 1, where they
+    are refreshed on every step (``_caches_outer`` costs them the same way). For
+    T > 1 the refresh sits in a
+    ``lax.cond``, whose half blocks add to XLA:CPU's temporary buffer of every step
+    (bench_singd's MLP at T = 10: 29.5 -> 36.6 MiB), for a saving on one step in T."""
+    return period == 1
+
+
 def _caches_outer(spec: structures_lib.StructureSpec, dim: int, other_dim: int, period: int,
                   enabled: bool) -> bool:
     """Whether a dense factor ``S`` keeps ``S S^T`` next to it.
@@ -130,23 +141,14 @@ def _caches_outer(spec: structures_lib.StructureSpec, dim: int, other_dim: int, 
     ``T`` steps). So keep it where that is less, at ``dim^2`` more numbers of memory.
     Other structures apply ``S S^T`` cheaply already.
     """
-    cost = structures_lib.symmetric_product_cost(dim) if period == 1 else 1.0
+    cost = structures_lib.symmetric_product_cost(dim) if by_half_blocks(period) else 1.0
     return enabled and spec.name == "dense" and cost * dim < period * other_dim
-
-
-def by_half_blocks(config: LayerConfig) -> bool:
-    """Whether a layer forms ``S^T S`` and ``S S^T`` of its dense factors from three
-    half-size products (:func:`~sing_jax._src.singd.structures.square_gram`): only where
-    they are refreshed on every step (T = 1). For T > 1 the refresh sits in a
-    ``lax.cond``, whose half blocks add to XLA:CPU's temporary buffer of every step
-    (bench_singd's MLP at T = 10: 29.5 -> 36.6 MiB), for a saving on one step in T."""
-    return config.T == 1
 
 
 def _outer_product(factor: structures_lib.StructuredMatrix, config: LayerConfig) -> Array:
     """The kept ``S S^T`` of a dense factor."""
     mat = factor.to_dense()
-    return structures_lib.square_outer(mat) if by_half_blocks(config) else mat @ mat.T
+    return structures_lib.square_outer(mat) if by_half_blocks(config.T) else mat @ mat.T
 
 
 @jax.tree_util.register_pytree_node_class
@@ -565,7 +567,7 @@ def _update_factors(layer: LayerPreconditioner, curv: LayerCurvature, hyper: _La
     num = jnp.maximum(curv.count, 1.0)
     h_k = curv.h_k * (1.0 / num).astype(k.dtype)
     h_c = curv.h_c * (1.0 / num).astype(c.dtype)
-    k_tk, c_tc = (_factor_gram(factor, by_half_blocks(layer.config)) for factor in (k, c))
+    k_tk, c_tc = (_factor_gram(factor, by_half_blocks(layer.config.T)) for factor in (k, c))
     scale = 0.5 * ((1.0 - hyper.alpha1) if hyper.normalize_lr_cov else 1.0)
     damping = hyper.damping
     if hyper.kfac_like:
