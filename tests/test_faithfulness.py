@@ -340,8 +340,8 @@ def test_a_channel_at_zero_keeps_finite_moments(make):
 @pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
                                             (1.0, 100.0)])  # 100: past the float32 exp
 def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
-    # Below float64 the tail log1p(exp(-beta d)) is a polynomial: it must agree with
-    # PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
+    # Below float64 the tail log1p(exp(-beta d)) is a rational function: it must agree
+    # with PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
     d = np.concatenate([np.linspace(0.0, 1.5 * threshold / beta, 20001),
                         [threshold / beta, 1.0001 * threshold / beta, 10.0]])
     d = d.astype(np.float32).astype(np.float64)  # the inputs all three dtypes can hold
@@ -361,19 +361,41 @@ def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     np.testing.assert_allclose(ours64, pytorch_rule(beta * d), rtol=1e-14)
 
 
-def test_float32_exp_of_negative_is_as_accurate_as_jnp_exp():
-    # The softplus's own exp(-z) writes 2^-k into the exponent bits: over its whole
-    # range, up to z = 87 where 2^-126 is the smallest normal float32, it must be as
-    # accurate as XLA's exp, and NaN must stay NaN; compiled too, where XLA's
-    # simplifier could undo the rounding of k (it folds (x + c) - c to x).
-    from sing_jax._src.adam import _exp_of_negative
+@pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
+                                            (1.0, 100.0)])
+def test_float32_softplus_adam_direction_matches_float64_rule(beta, threshold):
+    # Below float64 the direction is beta m Q(z) / (z Q(z) + P(z)), never the softplus
+    # itself: over the whole range of z = beta d it must give m / softplus_beta(d)
+    # to float32 rounding. With b1 = b2 = 0 and one step, m = g and d = |g|. (Not at
+    # beta d = threshold itself, where rounding picks the branch.) Without x64, as
+    # users run it: with it the bias corrections are float64 scalars and promote z.
+    jax.config.update("jax_enable_x64", False)  # the fixture restores it
+    d = np.concatenate([np.linspace(0.0, 1.5 * threshold / beta, 20001)[1:],
+                        [0.9999 * threshold / beta, 1.0001 * threshold / beta, 10.0]])
+    g = (d * np.where(np.arange(d.size) % 2, 1.0, -1.0)).astype(np.float32)
+    tx = sing_jax.scale_by_softplus_adam(b1=0.0, b2=0.0, softplus_beta=beta,
+                                         softplus_threshold=threshold)
+    grads = jnp.asarray(g)
+    direction, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    assert direction.dtype == jnp.float32
+    d64 = np.abs(g.astype(np.float64))
+    softplus = np.where(beta * d64 > threshold, d64,
+                        np.log1p(np.exp(np.minimum(beta * d64, threshold))) / beta)
+    np.testing.assert_allclose(np.asarray(direction, np.float64), g / softplus, rtol=3e-7)
 
-    z = np.linspace(0.0, 87.0, 400_001).astype(np.float32)
-    expected = np.exp(-z.astype(np.float64))
-    for exp_of_negative in (_exp_of_negative, jax.jit(_exp_of_negative, static_argnums=1)):
-        ours = np.asarray(exp_of_negative(jnp.asarray(z), 87.0), np.float64)
-        np.testing.assert_allclose(ours, expected, rtol=1.5e-7, atol=0)
-        assert np.isnan(np.asarray(exp_of_negative(jnp.asarray([np.nan], jnp.float32), 20.0)))
+
+def test_softplus_tail_constants_come_from_the_fit_script():
+    # The rational tail's coefficients are the output of experiments/fit_softplus_tail.py,
+    # and its denominator has positive coefficients (no pole, no cancellation, z >= 0).
+    from experiments.fit_softplus_tail import fit_tail, float32_error
+    from sing_jax._src import adam
+
+    worst, p, q = fit_tail(adam._SOFTPLUS_TAIL_RANGE, len(adam._SOFTPLUS_TAIL_P) - 1,
+                           len(adam._SOFTPLUS_TAIL_Q) - 1)
+    np.testing.assert_allclose(adam._SOFTPLUS_TAIL_P, p, rtol=1e-6)
+    np.testing.assert_allclose(adam._SOFTPLUS_TAIL_Q, q, rtol=1e-6)
+    assert worst < 2e-8 and float32_error(p, q, adam._SOFTPLUS_TAIL_RANGE) < 2.5e-7
+    assert all(c > 0 for c in adam._SOFTPLUS_TAIL_Q)
 
 
 @pytest.mark.parametrize("normalize", [False, True])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sing_jax._src import hyperparams
@@ -22,13 +20,17 @@ class ScaleBySoftplusAdamState(NamedTuple):
     nu: optax.Updates
 
 
-# log1p(t) / t on [0, 1], interpolated at 200 Chebyshev nodes with a degree-9 polynomial
-# (coefficients in the monomial basis, lowest first). Its error, 3.4e-9 in float64, is
-# far below float32's rounding, so ``t * poly(t)`` is as accurate as ``log1p(t)``.
-_LOG1P_OVER_T = (0.999999995384853, -0.4999990399276453, 0.3333000403523737,
-                 -0.24954558871241778, 0.19678117257162436, -0.1531186310459056,
-                 0.10614264691236108, -0.05706420080456706, 0.019907160950107996,
-                 -0.0032563784785039464)
+# softplus(z) = z + log1p(exp(-z)), z >= 0. On [0, 16] the tail log1p(exp(-z)) is
+# P(z) / Q(z) (monomial coefficients, lowest first), fitted by
+# experiments/fit_softplus_tail.py for the least maximum error relative to softplus:
+# 1.1e-8 in float64, 1.7e-7 evaluated in float32 (float32's own rounding: 6e-8). Every
+# Q coefficient is positive, so Q >= 1 on z >= 0. Past 16 the tail (< 1.2e-7) is below
+# float32's rounding of z, so the fraction is evaluated at min(z, 16).
+_SOFTPLUS_TAIL_P = (0.6931471728800349, -0.2204641651562231, 0.02914367746227404,
+                    -0.001999146747375811, 7.101103902732194e-05, -1.0413320321083965e-06)
+_SOFTPLUS_TAIL_Q = (1.0, 0.4032840906863387, 0.15262731599561244, 0.0344362641803016,
+                    0.005047635325289364, 0.0003091395717198564, 7.809416788450572e-05)
+_SOFTPLUS_TAIL_RANGE = 16.0
 
 
 def _polynomial(coefficients: tuple[float, ...], x: jax.Array) -> jax.Array:
@@ -39,49 +41,22 @@ def _polynomial(coefficients: tuple[float, ...], x: jax.Array) -> jax.Array:
     return acc
 
 
-def _log1p_unit_interval(t: jax.Array) -> jax.Array:
-    """``log1p(t)`` for ``t`` in ``[0, 1]``: exact in float64, a polynomial otherwise."""
-    if t.dtype == jnp.float64:
-        return jnp.log1p(t)
-    return t * _polynomial(_LOG1P_OVER_T, t)
+def _softplus_fraction(z: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+    r"""``(numerator, denominator)`` with ``numerator / denominator = softplus(z)``, ``z >= 0``.
 
+    .. math::
+      \operatorname{softplus}(z) = z + \frac{P(z)}{Q(z)} = \frac{z\,Q(z) + P(z)}{Q(z)}
 
-# exp(-r) on [-ln2/2, ln2/2], interpolated at 300 Chebyshev nodes with a degree-6
-# polynomial (monomial basis, lowest first); relative error 2.6e-9 in float64.
-_EXP_NEG_NEAR_ZERO = (0.9999999999595476, -1.0000000377274512, 0.500000010774963,
-                      -0.16666415477230495, 0.04166621827397424, -0.00837512889074607,
-                      0.0013948580838681632)
-# Largest z for which 2^-round(z / ln2) is a normal float32 (exponent field >= 1).
-_EXP_NEG_FLOAT32_MAX_Z = 87.0
-# ln2 split as hi + lo (Cody and Waite), hi a multiple of 2^-16: k * hi is exact in
-# float32 for the k <= 126 used here, so r = z - k ln2 loses nothing to rounding.
-_LN2_HI = 0.693145751953125
-_LN2_LO = math.log(2) - _LN2_HI
-_ROUNDING_SHIFT = 1.5 * 2.0**23
-_ROUNDING_SHIFT_BITS = int(np.float32(_ROUNDING_SHIFT).view(np.int32))
-
-
-def _exp_of_negative(z: jax.Array, z_max: float) -> jax.Array:
-    """``exp(-z)`` for float32 ``z`` in ``[0, z_max]``, by ``2^-k exp(-r)``, ``z = k ln2 + r``.
-
-    Knowing the range saves XLA's ``exp`` its clamps; ``k`` is rounded by a float
-    addition rather than converted (XLA's float-to-int conversion guards against NaN
-    and overflow), and ``2^-k`` is written straight into the exponent bits. As
-    accurate as ``jnp.exp`` (1e-7 relative, tested against float64). Other dtypes,
-    and ranges whose ``2^-k`` would not be a normal float32, use ``jnp.exp``.
+    with the tail dropped (``P = 0``) where ``z > threshold``, as PyTorch does. Handing
+    back the fraction lets a caller that divides by the softplus multiply by ``Q``
+    and divide once: no ``exp``, no ``log`` and no second division, so on XLA:CPU
+    the Adam direction stays bound by memory traffic. For float32 and narrower
+    (evaluate those in float32).
     """
-    if z.dtype != jnp.float32 or not 0 <= z_max <= _EXP_NEG_FLOAT32_MAX_Z:
-        return jnp.exp(-z)
-    # Adding 1.5 * 2^23 rounds z / ln2 to an integer k held in the low mantissa bits.
-    # k is read from those bits, not as shifted - 1.5 * 2^23, which XLA would
-    # simplify back to z / ln2.
-    shifted = z * (1 / math.log(2)) + _ROUNDING_SHIFT
-    k_int = jax.lax.bitcast_convert_type(shifted, jnp.int32) - _ROUNDING_SHIFT_BITS
-    k = k_int.astype(z.dtype)
-    r = (z - k * _LN2_HI) - k * _LN2_LO
-    exponent_bits = (127 - k_int) << 23  # the float32 2^-k
-    return _polynomial(_EXP_NEG_NEAR_ZERO, r) * jax.lax.bitcast_convert_type(
-        exponent_bits, jnp.float32)
+    clipped = jnp.minimum(z, _SOFTPLUS_TAIL_RANGE)
+    denominator = _polynomial(_SOFTPLUS_TAIL_Q, clipped)
+    tail_numerator = jnp.where(z > threshold, 0.0, _polynomial(_SOFTPLUS_TAIL_P, clipped))
+    return z * denominator + tail_numerator, denominator
 
 
 def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
@@ -93,18 +68,18 @@ def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> 
       \operatorname{softplus}_\beta(d) = \tfrac{1}{\beta} \log(1 + e^{\beta d})
       = d + \tfrac{1}{\beta} \log(1 + e^{-\beta d})
 
-    The second form only ever takes ``log1p`` of ``t = e^{-beta d}`` in ``(0, 1]``,
-    which a short polynomial gets to float32 precision, and ``t`` itself is an
-    ``exp`` over the known range ``[0, threshold]`` (:func:`_exp_of_negative`). On
-    XLA:CPU, where this softplus is compute-bound, it costs about a quarter of
-    ``log1p(exp(.))`` (11M float32 elements: 2.4 ms beyond a plain copy, against
-    10 ms); the results agree to float32 rounding (tested against float64 over the
-    whole range). float64 takes ``jnp.log1p(jnp.exp(.))``.
+    float64 computes ``log1p(exp(.))``. Narrower dtypes compute in float32 with the
+    tail as a rational function of ``beta d`` (:func:`_softplus_fraction`): within
+    float32 rounding of the float64 rule over the whole range (tested).
     """
     d = jnp.asarray(d)
-    z = beta * d
-    tail = _log1p_unit_interval(_exp_of_negative(jnp.minimum(z, threshold), threshold))
-    return jnp.where(z > threshold, d, d + tail * (1 / beta))
+    if d.dtype == jnp.float64:
+        z = beta * d
+        return jnp.where(z > threshold, d, jnp.log1p(jnp.exp(jnp.minimum(z, threshold))) / beta)
+    wide = d.astype(jnp.float32)
+    z = beta * wide
+    numerator, denominator = _softplus_fraction(z, threshold)
+    return jnp.where(z > threshold, wide, numerator / (beta * denominator)).astype(d.dtype)
 
 
 def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -124,7 +99,10 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     The softplus keeps the step bounded when ``v`` is tiny (``d >= log(2)/beta``),
     and like PyTorch it is the identity where ``beta * d > softplus_threshold``.
-    The learning rate is not applied here.
+    Below float64 the direction is ``beta m_hat Q(z) / (z Q(z) + P(z))`` with
+    ``z = beta d`` and the rational tail of :func:`softplus_denominator`: one
+    division and a dozen multiply-adds per element, so on XLA:CPU the update stays
+    bound by memory traffic. The learning rate is not applied here.
 
     Args:
       b1, b2: decay rates of the first and second moments, in ``[0, 1)``.
@@ -157,12 +135,17 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         inv_sqrt_bias2 = jax.lax.rsqrt(1 - b2 ** count)
 
         def direction(g, m, v):
-            d = jnp.sqrt(v) * inv_sqrt_bias2
             if softplus_beta is None:
-                d = d + eps
-            else:
-                d = softplus_denominator(d, softplus_beta, softplus_threshold)
-            return (m * inv_bias1 / d).astype(g.dtype)
+                return (m * inv_bias1 / (jnp.sqrt(v) * inv_sqrt_bias2 + eps)).astype(g.dtype)
+            if v.dtype == jnp.float64:
+                d = softplus_denominator(jnp.sqrt(v) * inv_sqrt_bias2, softplus_beta,
+                                         softplus_threshold)
+                return (m * inv_bias1 / d).astype(g.dtype)
+            # m_hat / softplus_beta(d) = beta m_hat Q(z) / (z Q(z) + P(z)), z = beta d
+            wide_v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
+            z = jnp.sqrt(wide_v) * (inv_sqrt_bias2 * softplus_beta)
+            numerator, denominator = _softplus_fraction(z, softplus_threshold)
+            return (m * (inv_bias1 * softplus_beta) * denominator / numerator).astype(g.dtype)
 
         new_updates = jax.tree.map(direction, updates, mu, nu)
         return new_updates, ScaleBySoftplusAdamState(count, mu, nu)
