@@ -12,10 +12,11 @@ its Lookahead or its gradient standardisation switched off, and the three
 per-channel inner products ``<p, p>``, ``<p, m>``, ``<m, m>`` that the RT steps
 (and AdamG) take on every conv kernel, timed alone. On XLA:CPU each reduction is
 its own pass over the leaf at a third to a half of the speed of an elementwise pass
-(sibling reductions are not fused), so those inner products alone cost more
-than a whole SGD-momentum step; likewise the softplus (an ``exp`` and a ``log1p``,
-each a short polynomial per element) costs about 20% of a whole AdamW step. On
-accelerators, where the step is bound by memory traffic, neither dominates.
+(sibling reductions are not fused), so those inner products alone cost about
+as much as a whole SGD-momentum step, and SING's two sums per leaf (per-channel
+means, sum of squares) are most of its cost beyond AdamW's. SING's softplus, a
+rational function with the division shared with Adam's, costs little. On
+accelerators, where the step is bound by memory traffic, none of these dominates.
 
     python experiments/bench_optimizers.py [--repeats 20] [--only sgdmrt adamsrt]
                                            [--no-breakdown]
