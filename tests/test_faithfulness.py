@@ -338,7 +338,7 @@ def test_a_channel_at_zero_keeps_finite_moments(make):
 
 
 @pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
-                                            (1.0, 100.0)])  # 100: past the float32 exp
+                                            (1.0, 100.0)])  # 100: past the rational's range
 def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     # Below float64 the tail log1p(exp(-beta d)) is a rational function: it must agree
     # with PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
