@@ -142,8 +142,7 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                                          softplus_threshold)
                 return (m * inv_bias1 / d).astype(g.dtype)
             # m_hat / softplus_beta(d) = beta m_hat Q(z) / (z Q(z) + P(z)), z = beta d
-            wide_v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
-            z = jnp.sqrt(wide_v) * (inv_sqrt_bias2 * softplus_beta)
+            z = jnp.sqrt(v.astype(jnp.float32)) * (inv_sqrt_bias2 * softplus_beta)
             numerator, denominator = _softplus_fraction(z, softplus_threshold)
             return (m * (inv_bias1 * softplus_beta) * denominator / numerator).astype(g.dtype)
 
