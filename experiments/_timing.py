@@ -26,7 +26,7 @@ def seconds_of(call: Callable[[], Any]) -> float:
 
 
 def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
-                        warmup_rounds: int = 1) -> dict[str, float]:
+                        warmup_rounds: int = 1, period: int = 1) -> dict[str, float]:
     """Median seconds of each blocking call, the calls taking turns.
 
     ``warmup_rounds`` untimed rounds (compilation, first-touch page faults) come
@@ -35,9 +35,18 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
     same other one: PyTorch's worker threads keep spinning for a while after its
     step, which slowed the JAX step always timed next (bench_singd's MLP, diagonal:
     3.8 ms without PyTorch in the run, 4.4 ms right after it).
+
+    ``period > 1`` is for calls whose cost repeats with that period (an optimizer
+    step with Lookahead every ``period`` steps): the timed calls are grouped by
+    their position in the period and the result is the mean of the positions'
+    medians, the average cost of a call. A plain median would land between the
+    cheap and the dear positions and report neither. ``repeats`` must then be a
+    multiple of ``period``.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if period < 1 or repeats % period:
+        raise ValueError(f"period must be >= 1 and divide repeats ({repeats}), got {period}")
     for _ in range(warmup_rounds):
         for call in calls.values():
             call()
@@ -47,7 +56,9 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
         shuffler.shuffle(order)
         for name in order:
             times[name].append(seconds_of(calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.fmean(statistics.median(t[position::period])
+                                   for position in range(period))
+            for name, t in times.items()}
 
 
 def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:

@@ -1,6 +1,7 @@
 """The benchmark scripts' helpers run (on tiny trees) and time what they claim to."""
 
 import functools
+import itertools
 
 import jax.numpy as jnp
 import optax
@@ -26,7 +27,7 @@ def test_bench_optimizers_times_ours_and_the_baseline_side_by_side():
             "base": bench_optimizers.optimizer_run(optax.sgd(0.1, momentum=0.9), params,
                                                    grads),
             "reductions": bench_optimizers.rt_inner_products_run(params, grads)}
-    ms = bench_optimizers.interleaved_medians(runs, repeats=2)
+    ms = bench_optimizers.interleaved_medians(runs, repeats=bench_optimizers.LOOKAHEAD_CYCLE)
     assert set(ms) == set(runs) and all(v > 0 for v in ms.values())
     assert len(bench_optimizers.optimizer_pairs()) == 5
 
@@ -75,6 +76,22 @@ def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         _timing.interleaved_medians({"a": lambda: None}, repeats=0)
     assert _timing.copy_bandwidth(2**20, repeats=2) > 0
+
+
+def test_shared_timer_averages_the_positions_of_a_periodic_call(monkeypatch):
+    from experiments import _timing
+
+    # a step whose first and last positions of five are dearer, as SING's Lookahead
+    durations = itertools.cycle([3.0, 1.0, 1.0, 1.0, 2.0])
+    monkeypatch.setattr(_timing, "seconds_of", lambda call: (call(), next(durations))[1])
+    periodic = _timing.interleaved_medians({"step": lambda: None}, repeats=10,
+                                           warmup_rounds=0, period=5)
+    assert periodic["step"] == pytest.approx(8.0 / 5)  # the average cost
+    durations = itertools.cycle([3.0, 1.0, 1.0, 1.0, 2.0])
+    plain = _timing.interleaved_medians({"step": lambda: None}, repeats=10, warmup_rounds=0)
+    assert plain["step"] == 1.0  # what a plain median says
+    with pytest.raises(ValueError, match="period must be >= 1 and divide repeats"):
+        _timing.interleaved_medians({"step": lambda: None}, repeats=10, period=3)
 
 
 def test_the_cpu_flag_of_the_benchmarks_is_added_only_where_it_is_known_and_unset():
