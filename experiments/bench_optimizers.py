@@ -9,7 +9,8 @@ copy bandwidth). The time of a step is the mean over the five positions of a
 Lookahead cycle of each position's median: SING's synchronising step and the
 copy of the slow weights after it are dearer than its other three, so a plain
 median over steps would land between the two kinds and report neither SING's
-typical nor its average cost. Optimizers without a cycle get their median.
+typical nor its average cost. For an optimizer without a cycle the five medians
+agree up to noise.
 
 A second table shows where the time goes: SING with its softplus denominator,
 its Lookahead or its gradient standardisation switched off, and the three
