@@ -317,7 +317,11 @@ def square_gram(mat: Array) -> Array:
 
 def square_outer(mat: Array) -> Array:
     r""":math:`M M^\top` for a square :math:`M`, from three of its four half blocks
-    (:math:`M` split by rows; see :func:`square_gram`)."""
+    (:math:`M` split by rows; see :func:`square_gram`).
+
+    Not ``square_gram(mat.T)``: that form was slower on XLA:CPU (d = 1024: 6.0 against
+    3.8 ms; d = 1025: 4.6 against 4.0 ms; interleaved, one process).
+    """
     dim = mat.shape[0]
     if dim < _SYMMETRIC_PRODUCT_MIN_DIM:
         return mat @ mat.T
