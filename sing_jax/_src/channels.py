@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sing_jax._src.paths import leaf_paths, path_str
+
 
 @dataclasses.dataclass(frozen=True, init=False)
 class ChannelDims:
@@ -116,38 +118,6 @@ def _is_spec_leaf(x: Any) -> bool:
     return x is None or isinstance(x, ChannelDims)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    """'block/conv/kernel'-style name of a key path.
-
-    Attribute keys name children of NamedTuples and dataclasses and are kept; a
-    trailing ``.value`` (what a Flax ``Variable`` adds around its array) is left
-    out, so that a spec built over an ``nnx.State`` of Variables matches the plain
-    arrays the optimizer sees later.
-    """
-    path = list(path)
-    if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
-            and path[-1].name == "value"):
-        path = path[:-1]
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        elif isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """The '/'-joined path of every array leaf of ``tree``, in flattening order."""
-    return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 class LeafGeometry(NamedTuple):
     """Static geometry of one leaf: the axes of a group and the group size ``d``.
 
@@ -185,13 +155,13 @@ def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometr
         if bad:
             path, value = bad[0]
             raise ValueError(
-                f"channel_dims: the spec leaf at {_path_str(path) or '<root>'} is "
+                f"channel_dims: the spec leaf at {path_str(path) or '<root>'} is "
                 f"{value!r}; expected ChannelDims(...) or None (wrap a tuple of axes, "
                 "e.g. ChannelDims((-1,)): JAX flattens a bare tuple into separate leaves)."
             )
         if len(spec_leaves) != len(flat_params):
-            param_names = [_path_str(p) for p, _ in flat_params]
-            spec_names = [_path_str(p) for p, _ in spec_leaves]
+            param_names = [path_str(p) for p, _ in flat_params]
+            spec_names = [path_str(p) for p, _ in spec_leaves]
             by_name = dict(zip(spec_names, (s for _, s in spec_leaves)))
             if (len(by_name) == len(spec_names)
                     and all(name in by_name for name in param_names)):
@@ -210,11 +180,11 @@ def resolve_channel_dims(spec: ChannelDimsSpec, params: Any) -> list[LeafGeometr
                 f"spec entries without a param: {extra}."
             )
         for (ppath, _), (spath, _) in zip(flat_params, spec_leaves):
-            if _path_str(ppath) != _path_str(spath):
+            if path_str(ppath) != path_str(spath):
                 raise ValueError(
                     "channel_dims: the spec tree does not match the params: found spec "
-                    f"entry {_path_str(spath)!r} where the params have "
-                    f"{_path_str(ppath)!r}."
+                    f"entry {path_str(spath)!r} where the params have "
+                    f"{path_str(ppath)!r}."
                 )
     return _geometries(flat_params, spec_leaves)
 
@@ -226,7 +196,7 @@ def _geometries(flat_params: list, spec_leaves: list) -> list[LeafGeometry]:
             geometries.append(EUCLIDEAN)
             continue
         shape = np.shape(leaf)
-        axes = leaf_spec.group_axes(len(shape), _path_str(path) or "<root>")
+        axes = leaf_spec.group_axes(len(shape), path_str(path) or "<root>")
         geometries.append(LeafGeometry(axes, int(np.prod([shape[a] for a in axes]))))
     return geometries
 
@@ -310,7 +280,7 @@ def channel_dims_from_rules(params: Any, rules: Sequence[Rule],
     used = [False] * len(compiled)
 
     def pick(path, _):
-        name = _path_str(path)
+        name = path_str(path)
         for i, (regex, value) in enumerate(compiled):
             if regex.fullmatch(name):
                 used[i] = True
@@ -396,7 +366,7 @@ def detect_channel_dims(apply_fn: Callable[[Any, Any], Any], params: Any, batch:
 
     spec_leaves, lines = [], []
     for i, (path, leaf) in enumerate(flat):
-        name = _path_str(path)
+        name = path_str(path)
         if np.ndim(leaf) < min_ndim:
             spec_leaves.append(None)
             continue

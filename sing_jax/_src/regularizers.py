@@ -26,7 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sing_jax._src.channels import ChannelDims, _path_str, resolve_channel_dims
+from sing_jax._src.channels import ChannelDims, resolve_channel_dims
+from sing_jax._src.paths import path_str
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 MaskFn = Callable[[Any], Any]
@@ -54,13 +55,13 @@ def map_named_leaves(fn: Callable[[str, Any], Any], params: Any) -> Any:
     shape optax's masks and labels need.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: fn(_path_str(path), leaf), params, is_leaf=_is_variable)
+        lambda path, leaf: fn(path_str(path), leaf), params, is_leaf=_is_variable)
 
 
 def named_leaves(params: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf)]`` in flattening order, a Flax ``Variable`` counting as one leaf."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
-    return [(_path_str(path), leaf) for path, leaf in flat]
+    return [(path_str(path), leaf) for path, leaf in flat]
 
 
 def compile_patterns(patterns: str | Sequence[str], where: str) -> list[re.Pattern]:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sing_jax._src.paths import path_str
 from sing_jax.nn.layers import Identity
 from sing_jax.nn.norms import _resolve_parent, _set_child, module_paths
 
@@ -67,10 +68,6 @@ def _record_producers(pairs: list[tuple[nnx.Module, nnx.Module]]) -> Iterator[No
             cls.__call__ = original
 
 
-def _path_name(path: tuple) -> str:
-    return "/".join(map(str, path))
-
-
 def fold_batch_norms(model: nnx.Module, sample_input: Any, *, strict: bool = True
                      ) -> nnx.Module:
     """An eval-mode copy of ``model``, each BatchNorm folded into the layer feeding it.
@@ -103,7 +100,7 @@ def fold_batch_norms(model: nnx.Module, sample_input: Any, *, strict: bool = Tru
         jax.eval_shape(lambda x: folded(x), spec)
     layer_of_norm = {id(norm): layer for layer, norm in pairs}
     norms = module_paths(folded, nnx.BatchNorm)
-    unfoldable = [_path_name(p) for p, bn in norms if id(bn) not in layer_of_norm]
+    unfoldable = [path_str(p) for p, bn in norms if id(bn) not in layer_of_norm]
     if unfoldable and strict:
         raise ValueError(
             "fold_batch_norms: these BatchNorms are not fed directly by an nnx.Conv or "
@@ -116,7 +113,7 @@ def fold_batch_norms(model: nnx.Module, sample_input: Any, *, strict: bool = Tru
         if layer is None:
             continue
         if id(bn) not in folded_once:
-            _fold_pair(layer, bn, _path_name(path))
+            _fold_pair(layer, bn, path_str(path))
             folded_once.add(id(bn))
         _set_child(_resolve_parent(folded, path[:-1]), path[-1], Identity(bn.num_features))
     return folded

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
 
+from sing_jax._src.paths import path_str
 from sing_jax.train.state import TrainState
 
 CONFIG_FILE = "config.json"
@@ -124,12 +125,6 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint written by another model or optimizer than the current config's."""
 
 
-def _path_name(path: Any) -> str:
-    # NamedTuple fields come back from checkpoint metadata as dict keys: compare names only.
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
-
-
 def _shape_dtype(x: Any) -> Any:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                 sharding=getattr(x, "sharding", None))
@@ -143,7 +138,7 @@ def _map_singd_layers(fn: Any, tree: Any, *rest: Any) -> Any:
         return isinstance(x, LayerPreconditioner)
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, x, *r: fn(_path_name(path), x, *r) if is_layer(x) else x,
+        lambda path, x, *r: fn(path_str(path), x, *r) if is_layer(x) else x,
         tree, *rest, is_leaf=is_layer)
 
 
@@ -242,7 +237,7 @@ class Checkpointer:
         stored = self.manager.item_metadata(step)["state"]
         if stored is None:
             return None
-        return {_path_name(p): tuple(getattr(m, "shape", ()))
+        return {path_str(p): tuple(getattr(m, "shape", ()))
                 for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
     def _check_matches(self, step: int, template: dict[str, Any],
@@ -256,7 +251,7 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not match the config: {detail}")
 
         for path, leaf in template_flat:
-            name = _path_name(path)
+            name = path_str(path)
             if name not in stored_flat:
                 raise mismatch(
                     f"it has no leaf {name} (it has e.g. {sorted(stored_flat)[:4]}). It was "
@@ -265,7 +260,7 @@ class Checkpointer:
                 raise mismatch(
                     f"leaf {name} has shape {stored_flat[name]} there, "
                     f"{tuple(np.shape(leaf))} now. Use another workdir or --overwrite.")
-        extra = set(stored_flat) - {_path_name(p) for p, _ in template_flat}
+        extra = set(stored_flat) - {path_str(p) for p, _ in template_flat}
         if extra:
             raise mismatch(f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another "
                            "workdir or --overwrite.")
