@@ -17,7 +17,7 @@ from sing_jax._src.channels import (
     channel_dims_from_rules,
     detect_channel_dims,
 )
-from sing_jax._src.lookahead import LookaheadState, lookahead, lookahead_slow_weights
+from sing_jax._src.lookahead import LookaheadState, lookahead
 from sing_jax._src.spherical import (
     ScaleByAdamGState,
     ScaleByAdamSState,

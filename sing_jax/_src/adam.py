@@ -20,66 +20,19 @@ class ScaleBySoftplusAdamState(NamedTuple):
     nu: optax.Updates
 
 
-# softplus(z) = z + log1p(exp(-z)), z >= 0. On [0, 16] the tail log1p(exp(-z)) is
-# P(z) / Q(z) (monomial coefficients, lowest first), fitted by
-# experiments/fit_softplus_tail.py for the least maximum error relative to softplus:
-# 1.1e-8 in float64, 1.7e-7 evaluated in float32 (float32's own rounding: 6e-8). Every
-# Q coefficient is positive, so Q >= 1 on z >= 0. Past 16 the tail (< 1.2e-7) is below
-# float32's rounding of z, so the fraction is evaluated at min(z, 16).
-_SOFTPLUS_TAIL_P = (0.6931471728800349, -0.2204641651562231, 0.02914367746227404,
-                    -0.001999146747375811, 7.101103902732194e-05, -1.0413320321083965e-06)
-_SOFTPLUS_TAIL_Q = (1.0, 0.4032840906863387, 0.15262731599561244, 0.0344362641803016,
-                    0.005047635325289364, 0.0003091395717198564, 7.809416788450572e-05)
-_SOFTPLUS_TAIL_RANGE = 16.0
-
-
-def _polynomial(coefficients: tuple[float, ...], x: jax.Array) -> jax.Array:
-    """``sum_i coefficients[i] x^i`` (lowest first) by Horner's rule, in ``x``'s dtype."""
-    acc = jnp.asarray(coefficients[-1], x.dtype)
-    for coefficient in coefficients[-2::-1]:
-        acc = acc * x + jnp.asarray(coefficient, x.dtype)
-    return acc
-
-
-def _softplus_fraction(z: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
-    r"""``(numerator, denominator)`` with ``numerator / denominator = softplus(z)``, ``z >= 0``.
-
-    .. math::
-      \operatorname{softplus}(z) = z + \frac{P(z)}{Q(z)} = \frac{z\,Q(z) + P(z)}{Q(z)}
-
-    with the tail dropped (``P = 0``) where ``z > threshold``, as PyTorch does. Handing
-    back the fraction lets a caller that divides by the softplus multiply by ``Q``
-    and divide once: no ``exp``, no ``log`` and no second division, so on XLA:CPU
-    the Adam direction stays bound by memory traffic. For float32 and narrower
-    (evaluate those in float32).
-    """
-    clipped = jnp.minimum(z, _SOFTPLUS_TAIL_RANGE)
-    denominator = _polynomial(_SOFTPLUS_TAIL_Q, clipped)
-    tail_numerator = jnp.where(z > threshold, 0.0, _polynomial(_SOFTPLUS_TAIL_P, clipped))
-    return z * denominator + tail_numerator, denominator
-
-
 def softplus_denominator(d: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
-    r"""PyTorch's ``softplus(d, beta, threshold)`` for ``d >= 0``.
-
-    The identity where ``beta * d > threshold``, else
+    r"""PyTorch's ``softplus(d, beta, threshold)``: ``d`` where ``beta d > threshold``, else
 
     .. math::
       \operatorname{softplus}_\beta(d) = \tfrac{1}{\beta} \log(1 + e^{\beta d})
-      = d + \tfrac{1}{\beta} \log(1 + e^{-\beta d})
 
-    float64 computes ``log1p(exp(.))``. Narrower dtypes compute in float32 with the
-    tail as a rational function of ``beta d`` (:func:`_softplus_fraction`): within
-    float32 rounding of the float64 rule over the whole range (tested).
+    computed as ``logaddexp(beta d, 0) / beta`` in ``d``'s dtype, widened to float32
+    for narrower floats.
     """
     d = jnp.asarray(d)
-    if d.dtype == jnp.float64:
-        z = beta * d
-        return jnp.where(z > threshold, d, jnp.log1p(jnp.exp(jnp.minimum(z, threshold))) / beta)
-    wide = d.astype(jnp.float32)
+    wide = d.astype(jnp.promote_types(d.dtype, jnp.float32))
     z = beta * wide
-    numerator, denominator = _softplus_fraction(z, threshold)
-    return jnp.where(z > threshold, wide, numerator / (beta * denominator)).astype(d.dtype)
+    return jnp.where(z > threshold, wide, jnp.logaddexp(z, 0.0) / beta).astype(d.dtype)
 
 
 def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -99,10 +52,7 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     The softplus keeps the step bounded when ``v`` is tiny (``d >= log(2)/beta``),
     and like PyTorch it is the identity where ``beta * d > softplus_threshold``.
-    Below float64 the direction is ``beta m_hat Q(z) / (z Q(z) + P(z))`` with
-    ``z = beta d`` and the rational tail of :func:`softplus_denominator`: one
-    division and a dozen multiply-adds per element, so on XLA:CPU the update stays
-    bound by memory traffic. The learning rate is not applied here.
+    The learning rate is not applied here.
 
     Args:
       b1, b2: decay rates of the first and second moments, in ``[0, 1)``.
@@ -135,16 +85,10 @@ def scale_by_softplus_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         inv_sqrt_bias2 = jax.lax.rsqrt(1 - b2 ** count)
 
         def direction(g, m, v):
-            if softplus_beta is None:
-                return (m * inv_bias1 / (jnp.sqrt(v) * inv_sqrt_bias2 + eps)).astype(g.dtype)
-            if v.dtype == jnp.float64:
-                d = softplus_denominator(jnp.sqrt(v) * inv_sqrt_bias2, softplus_beta,
-                                         softplus_threshold)
-                return (m * inv_bias1 / d).astype(g.dtype)
-            # m_hat / softplus_beta(d) = beta m_hat Q(z) / (z Q(z) + P(z)), z = beta d
-            z = jnp.sqrt(v.astype(jnp.float32)) * (inv_sqrt_bias2 * softplus_beta)
-            numerator, denominator = _softplus_fraction(z, softplus_threshold)
-            return (m * (inv_bias1 * softplus_beta) * denominator / numerator).astype(g.dtype)
+            d = jnp.sqrt(v.astype(jnp.promote_types(v.dtype, jnp.float32))) * inv_sqrt_bias2
+            d = d + eps if softplus_beta is None else softplus_denominator(
+                d, softplus_beta, softplus_threshold)
+            return (m * inv_bias1 / d).astype(g.dtype)
 
         new_updates = jax.tree.map(direction, updates, mu, nu)
         return new_updates, ScaleBySoftplusAdamState(count, mu, nu)

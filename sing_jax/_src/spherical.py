@@ -30,50 +30,21 @@ def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
 
 
 def _map_leaves(fn, geometries: list[LeafGeometry], updates: Any, *trees: Any,
-                num_states: int, one_leaf_at_a_time: bool = False) -> tuple[Any, ...]:
+                num_states: int) -> tuple[Any, ...]:
     """Runs ``fn(geometry, update, *leaves_of_trees)`` per leaf and regroups its outputs.
 
     ``fn`` returns the new update and then a new leaf for each of the first
     ``num_states`` of ``trees`` (the remaining trees, e.g. the params, are inputs
     only). Returns ``(updates, *new_state_trees)``.
-
-    ``one_leaf_at_a_time`` (for XLA:CPU, see :func:`_after`) makes every leaf's
-    work wait for the previous leaf's last output, by adding an exact zero to the
-    leaf of ``trees[0]``, so that all passes over one leaf run before the next
-    leaf's first pass, while the leaf is still in cache. That leaf of ``trees[0]``
-    must have a single consumer in ``fn``.
     """
     leaves, treedef = jax.tree.flatten(updates)
     tree_leaves = [jax.tree.leaves(t) for t in trees]
-    outs = []
-    previous = None  # the last output of the last non-empty leaf
-    for i, (geo, g) in enumerate(zip(geometries, leaves)):
-        inputs = [t[i] for t in tree_leaves]
-        if one_leaf_at_a_time and previous is not None:
-            inputs[0] = _after(previous, inputs[0])
-        outs.append(fn(geo, g, *inputs))
-        if outs[-1][-1].size:
-            previous = outs[-1][-1]
+    outs = [fn(geo, g, *[t[i] for t in tree_leaves])
+            for i, (geo, g) in enumerate(zip(geometries, leaves))]
     regrouped = [treedef.unflatten([o[0] for o in outs])]
     for j in range(num_states):
         regrouped.append(jax.tree.structure(trees[j]).unflatten([o[j + 1] for o in outs]))
     return tuple(regrouped)
-
-
-def _after(previous: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` plus an exact zero read from ``previous``'s buffer: ``x`` waits for it.
-
-    XLA:CPU otherwise schedules breadth-first: the first pass of every leaf, then
-    the second pass of every leaf, and so on, so each pass over a large model reads
-    every leaf back from memory. The zero is :func:`_exact_zero` of one element of
-    the finished ``previous``. The optimisation barrier keeps that element from
-    being recomputed from ``previous``'s inputs instead of read from its buffer.
-    Use it on an input with a single consumer: the addition then fuses into that
-    consumer's pass for free, whereas a second consumer makes XLA write ``x + 0``
-    out first (which made AdamSRT slower).
-    """
-    element = jax.lax.optimization_barrier(previous)[(0,) * previous.ndim]
-    return x + _exact_zero(element, x.dtype)
 
 
 def _exact_zero(t: jax.Array, dtype: Any) -> jax.Array:
@@ -491,15 +462,8 @@ def scale_by_sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float
             update, moved, _ = _step_and_transport(b, None, p, lr, geo, 0.0, g.dtype)
             return update, moved
 
-        # On XLA:CPU, running the passes over each leaf (the buffer, three reductions,
-        # the new parameters, the transport) before the next leaf's keeps the leaf in
-        # cache: 1.8x instead of 2.05x an SGD-momentum step on ResNet-18
-        # (experiments/bench_optimizers.py). The old buffer has one consumer, the
-        # new buffer, so the zero that orders the leaves costs nothing. AdamSRT and
-        # AdamG measured no gain (1.37-1.39x either way), so they do not do this.
         new_updates, buf = _map_leaves(leaf, geometries, updates,
-                                       state.inner_state.momentum, params, num_states=1,
-                                       one_leaf_at_a_time=jax.default_backend() == "cpu")
+                                       state.inner_state.momentum, params, num_states=1)
         return new_updates, SphericalTransportState(optax.safe_increment(state.count),
                                                     ScaleByMomentumState(buf))
 

@@ -26,10 +26,10 @@ def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
                         params, is_leaf=channels.is_variable)
 
 
-def _stateless(channel_dims: ChannelDimsSpec,
-               tree_fn: Callable[[list[channels.LeafGeometry], Any], Any],
-               ) -> optax.GradientTransformation:
-    """A stateless transform returning ``tree_fn(geometries, updates)``.
+def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
+                        leaf_fn: Callable[[channels.LeafGeometry, jax.Array], jax.Array],
+                        ) -> optax.GradientTransformation:
+    """A stateless transform applying ``leaf_fn(geometry, g)`` to every leaf.
 
     The spec is validated at ``init`` (errors name the leaf) and resolved again on
     the updates at every ``update``.
@@ -41,17 +41,10 @@ def _stateless(channel_dims: ChannelDimsSpec,
 
     def update_fn(updates, state, params=None):
         del params
-        return tree_fn(channels.resolve_channel_dims(channel_dims, updates), updates), state
+        geometries = channels.resolve_channel_dims(channel_dims, updates)
+        return channels.map_with_geometry(leaf_fn, geometries, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
-                        leaf_fn: Callable[[channels.LeafGeometry, jax.Array], jax.Array],
-                        ) -> optax.GradientTransformation:
-    """A stateless transform applying ``leaf_fn(geometry, g)`` to every leaf."""
-    return _stateless(channel_dims, lambda geometries, updates: channels.map_with_geometry(
-        leaf_fn, geometries, updates))
 
 
 def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
@@ -115,49 +108,26 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
 
     .. math::
       \tilde g = g - \operatorname{mean}_{G}(g), \qquad
-      g \leftarrow \tilde g / (\lVert \tilde g \rVert_2 + \epsilon), \qquad
-      \lVert \tilde g \rVert^2 = \lVert g \rVert^2 - d \sum_c \mu_c^2
+      g \leftarrow \tilde g / (\lVert \tilde g \rVert_2 + \epsilon)
 
     Equal to chaining :func:`centralize_gradients` and :func:`normalize_gradients`
-    (leaves without a channel spec are only normalised), but the norm of the
-    centred gradient comes from the two sums ``sum(g)`` per channel and
-    ``sum(g^2)``, so the centred gradient is never written out: on CPU this saves
-    most of the cost of the two steps. Where the identity would cancel badly
-    (``||g~||^2 < 1e-2 ||g||^2``, a gradient dominated by its channel means), the
-    norm is recomputed exactly from the centred gradient; one ``lax.cond`` for the
-    whole tree decides whether any leaf needs that (a conditional per leaf cost
-    more on CPU than the sums). Sums run in float32 at least.
+    (leaves without a channel spec are only normalised), with the centred gradient
+    kept in float32 at least between the two steps instead of rounded to a narrow
+    leaf dtype.
+
+    Args:
+      channel_dims: the centralisation spec, as in :func:`centralize_gradients`.
+      eps: added to the norm.
 
     Returns:
       A stateless ``optax.GradientTransformation``.
     """
 
-    def standardize(geometries, updates):
-        leaves, treedef = jax.tree.flatten(updates)
-        wides = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
-        means = [jnp.mean(w, axis=geo.group_axes, keepdims=True)
-                 if geo.group_axes is not None else None
-                 for w, geo in zip(wides, geometries)]
-        square_sums = [jnp.sum(w * w) for w in wides]
-        # ||g - mean||^2 = ||g||^2 - d sum_c mean_c^2 on the centred leaves
-        norms_sq = [s if m is None else s - geo.group_size * jnp.sum(m * m)
-                    for s, m, geo in zip(square_sums, means, geometries)]
+    def standardize(geometry, g):
+        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        if geometry.group_axes is not None:
+            wide = wide - jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
+        norm = jnp.sqrt(jnp.sum(wide * wide))
+        return (wide / (norm + eps)).astype(g.dtype)
 
-        # whether the identity kept its accuracy, per centred leaf (None: not centred)
-        accurate = [None if m is None else n > 1e-2 * s
-                    for n, s, m in zip(norms_sq, square_sums, means)]
-
-        def exact_where_cancelled():
-            return [n if ok is None else jnp.where(ok, n, jnp.sum(jnp.square(w - m)))
-                    for n, ok, w, m in zip(norms_sq, accurate, wides, means)]
-
-        checks = [ok for ok in accurate if ok is not None]
-        if checks:
-            # One conditional for the whole tree: one per leaf cost more than the sums.
-            norms_sq = jax.lax.cond(jnp.all(jnp.stack(checks)), lambda: norms_sq,
-                                    exact_where_cancelled)
-        out = [((w if m is None else w - m) / (jnp.sqrt(n) + eps)).astype(g.dtype)
-               for w, m, n, g in zip(wides, means, norms_sq, leaves)]
-        return treedef.unflatten(out)
-
-    return _stateless(channel_dims, standardize)
+    return _stateless_per_leaf(channel_dims, standardize)
