@@ -235,7 +235,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sing_jax.train import reuse_host_memory
+    if __package__:  # python -m experiments.bench_data
+        from experiments.xla_cpu import reuse_host_memory
+    else:  # run by path: this script's folder is first on sys.path
+        from xla_cpu import reuse_host_memory
 
     reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     with contextlib.suppress(KeyboardInterrupt):

@@ -42,9 +42,10 @@ import sing_jax
 from sing_jax import ChannelDims
 
 if __package__:  # imported as experiments.bench_optimizers (python -m, tests)
-    from . import _timing
+    from . import _timing, xla_cpu
 else:  # run by path: this script's folder is first on sys.path
     import _timing
+    import xla_cpu
 
 
 def resnet18_cifar_params(num_classes: int = 10) -> dict:
@@ -233,7 +234,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sing_jax.train import reuse_host_memory
-
-    reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
+    xla_cpu.reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     main()

@@ -38,11 +38,11 @@ import os
 import warnings
 
 if __package__:  # imported as experiments.bench_singd (python -m, tests)
-    from . import _xla_cpu
+    from . import xla_cpu
 else:  # run by path: this script's folder is first on sys.path
-    import _xla_cpu
+    import xla_cpu
 if __name__ == "__main__":
-    _xla_cpu.set_cpu_flag()  # before jax is imported
+    xla_cpu.set_cpu_flag()  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -356,7 +356,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from sing_jax.train import reuse_host_memory
-
-    reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
+    xla_cpu.reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     main()

@@ -25,11 +25,11 @@ import statistics
 import time
 
 if __package__:  # python -m experiments.bench_train, tests
-    from . import _xla_cpu
+    from . import xla_cpu
 else:  # run by path: this script's folder is first on sys.path
-    import _xla_cpu
+    import xla_cpu
 if __name__ == "__main__":
-    _xla_cpu.set_cpu_flag()  # before jax is imported (see experiments/_xla_cpu.py)
+    xla_cpu.set_cpu_flag()  # before jax is imported (see experiments/xla_cpu.py)
 
 
 def bench_jax(batch: int, steps: int, repeats: int) -> tuple[float, float]:
@@ -159,7 +159,5 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    from sing_jax.train import reuse_host_memory
-
-    reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
+    xla_cpu.reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     main()

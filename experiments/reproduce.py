@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    from sing_jax.train import reuse_host_memory
+    from experiments.xla_cpu import reuse_host_memory
 
     reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
     main()

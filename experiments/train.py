@@ -55,7 +55,8 @@ def main(argv: list[str]) -> None:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    from sing_jax.train import reuse_host_memory, train_and_evaluate
+    from experiments.xla_cpu import reuse_host_memory
+    from sing_jax.train import train_and_evaluate
 
     reuse_host_memory()  # XLA:CPU's per-step temporaries (see its docstring)
 

@@ -95,12 +95,51 @@ def test_shared_timer_averages_the_positions_of_a_periodic_call(monkeypatch):
 
 
 def test_the_cpu_flag_of_the_benchmarks_is_added_only_where_it_is_known_and_unset():
-    from experiments import _xla_cpu
+    from experiments import xla_cpu
 
-    flag = f"{_xla_cpu.YNN_FLAG}={_xla_cpu.YNN_VALUE}"
-    assert _xla_cpu.with_cpu_flag("", "0.10.2") == flag
-    assert (_xla_cpu.with_cpu_flag("--xla_force_host_platform_device_count=8", "0.10.0")
+    flag = f"{xla_cpu.YNN_FLAG}={xla_cpu.YNN_VALUE}"
+    assert xla_cpu.with_cpu_flag("", "0.10.2") == flag
+    assert (xla_cpu.with_cpu_flag("--xla_force_host_platform_device_count=8", "0.10.0")
             == f"--xla_force_host_platform_device_count=8 {flag}")
-    mine = f"{_xla_cpu.YNN_FLAG}=reduce"
-    assert _xla_cpu.with_cpu_flag(mine, "0.10.2") == mine  # the user's value wins
-    assert _xla_cpu.with_cpu_flag("", "0.11.0") == ""  # other jaxlibs may not know it
+    mine = f"{xla_cpu.YNN_FLAG}=reduce"
+    assert xla_cpu.with_cpu_flag(mine, "0.10.2") == mine  # the user's value wins
+    assert xla_cpu.with_cpu_flag("", "0.11.0") == ""  # other jaxlibs may not know it
+
+
+def test_reuse_host_memory_keeps_big_blocks_in_the_heap():
+    # In a child process (the setting is process-wide): before the call glibc maps a
+    # 64 MiB block afresh (mallinfo2's hblkhd grows), after it the heap serves it.
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import ctypes
+        from experiments.xla_cpu import reuse_host_memory
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mapped_growth():
+            before = libc.mallinfo2().hblkhd
+            block = libc.malloc(64 << 20)
+            grown = libc.mallinfo2().hblkhd - before
+            libc.free(block)
+            return grown
+
+        first = mapped_growth()
+        applied = reuse_host_memory()
+        print(first >= 64 << 20, applied, mapped_growth() == 0)
+    """)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc only")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True", "True"], out

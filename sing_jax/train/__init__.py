@@ -5,7 +5,6 @@ from sing_jax.train.checkpoint import (
     CheckpointMismatchError,
     prepare_workdir,
 )
-from sing_jax.train.host import reuse_host_memory
 from sing_jax.train.logging import MetricsLogger, Progress, plot_curves, read_metrics
 from sing_jax.train.loop import RunSummary, default_config, train_and_evaluate, validate_config
 from sing_jax.train.optimizers import OPTIMIZERS, build_optimizer, build_schedule
@@ -40,7 +39,6 @@ __all__ = [
     "prepare_workdir",
     "read_metrics",
     "register_model",
-    "reuse_host_memory",
     "train_and_evaluate",
     "validate_config",
     "AXIS",
