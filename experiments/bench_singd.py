@@ -28,7 +28,7 @@ rather than YNNPACK's, which are slower for these layer sizes (1.5x-2x), while
 matrix products stay with YNNPACK one at a time, which is faster than Eigen for
 the MLP's thin products
 (``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`` in ``XLA_FLAGS``,
-unless ``XLA_FLAGS`` already sets it; see the README's CPU notes).
+unless ``XLA_FLAGS`` already sets it; see docs/xla_cpu.md).
 """
 
 from __future__ import annotations

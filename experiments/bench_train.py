@@ -14,7 +14,7 @@ ratio (ours / PyTorch; above 1 means faster).
 Run as a script, it gives XLA:CPU (jaxlib 0.10) the same setting as ``bench_singd.py``:
 YNNPACK matrix products one at a time, Eigen convolutions
 (``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``), unless
-``XLA_FLAGS`` already names the flag; see the README's CPU notes.
+``XLA_FLAGS`` already names the flag; see docs/xla_cpu.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Learning-rate schedules of the seeds, as optax schedules usable as ``learning_rate=``.
 
-``sing_jax.schedules.warmup_cosine(...)`` and friends; see the README's "Recipes"
-section for the table of which optax function gives each of seed 003's schedules.
+``sing_jax.schedules.warmup_cosine(...)`` and friends; docs/recipes.md has the table
+of which optax function gives each of seed 003's schedules.
 """
 
 from sing_jax._src.schedules import (

@@ -19,8 +19,7 @@ class TinyConvNet(nnx.Module):
 
 
 class ConvBNNet(nnx.Module):
-    """conv (no bias) -> BatchNorm -> relu -> mean pool -> dense head, on RGB images:
-    the README's NNX example model."""
+    """conv (no bias) -> BatchNorm -> relu -> mean pool -> dense head, on RGB images."""
 
     def __init__(self, rngs: nnx.Rngs):
         self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)

@@ -244,7 +244,7 @@ def test_no_warning_when_patterns_match():
 
 
 def test_global_and_leaf_norm_clipping_do_not_change_sing_updates():
-    # The README's claim: SING normalises each leaf, undoing any rescaling of a leaf.
+    # docs/recipes.md's claim: SING normalises each leaf, undoing any rescaling of a leaf.
     rng = np.random.default_rng(4)
     params = {"k": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
               "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}

@@ -148,7 +148,7 @@ def test_damped_cosine_with_empty_ramp():
         assert float(s(e)) == pytest.approx(expect, abs=1e-7)
 
 
-# --- seed 003's list, mapped onto optax (the README table) ------------------------------
+# --- seed 003's list, mapped onto optax (the table of docs/recipes.md) -------------------
 
 
 def torch_lrs(make_scheduler, steps, lr=0.05):
