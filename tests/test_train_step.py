@@ -153,56 +153,6 @@ def test_singd_step_four_devices_equal_one_device():
     assert float(four["epoch_metrics"]["count"]) == 3 * 16
 
 
-def _convolutions(jaxpr, inside_cond=False):
-    """``(lhs shape, inside a lax.cond)`` of every convolution in ``jaxpr``, nested ones too."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            found.append((tuple(eqn.invars[0].aval.shape), inside_cond))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    found += _convolutions(sub, inside_cond or eqn.primitive.name == "cond")
-    return found
-
-
-def test_singd_steps_run_the_model_outside_any_conditional():
-    """The forward/backward pass is never behind the refresh's ``lax.cond``: there
-    XLA:CPU runs the backward pass's convolutions with slow kernels (a small CNN's T=5
-    step took 21 ms instead of 2.5 ms). Only the curvature products may be conditional."""
-    import sing_jax
-
-    tx = sing_jax.singd(learning_rate=0.05, T=5)
-    state = train.TrainState.create(TinyConvNet(rngs=nnx.Rngs(0)), tx, rng=0)
-    step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:1]),
-                                 options=train.StepOptions(singd=True))
-    state = step.place_state(state)
-    batch = tiny_batch()
-    train_jaxpr = jax.make_jaxpr(step._fn)(state.replace(data_state=None),
-                                           step.place_batch(batch))
-
-    # The same for the library helper under jit, where the step count is traced.
-    graphdef, params, rest = nnx.split(TinyConvNet(rngs=nnx.Rngs(0)), nnx.Param, ...)
-
-    def loss_fn(model, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-    def library_step(params, opt_state, x, y):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        (_, grads), stats = sing_jax.singd_value_and_grad(loss_fn, model, x, y,
-                                                          opt_state=opt_state)
-        return tx.update(grads, opt_state, params, singd_stats=stats)
-
-    library_jaxpr = jax.make_jaxpr(library_step)(params, tx.init(params), batch["image"],
-                                                 batch["label"])
-    images = batch["image"].shape
-    for jaxpr in (train_jaxpr, library_jaxpr):
-        convs = _convolutions(jaxpr.jaxpr)
-        assert any(shape == images and not in_cond for shape, in_cond in convs)  # forward
-        assert not [shape for shape, in_cond in convs if in_cond], convs
-
-
 def test_mixup_cutmix_in_the_step_trains_on_soft_labels():
     def run(mixing):
         tx = optax.sgd(0.1)
