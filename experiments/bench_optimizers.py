@@ -18,10 +18,11 @@ per-channel inner products ``<p, p>``, ``<p, m>``, ``<m, m>`` that the RT steps
 (and AdamG) take on every conv kernel, timed alone. On XLA:CPU each reduction is
 its own pass over the leaf at a third to a half of the speed of an elementwise pass
 (sibling reductions are not fused), so those inner products alone cost about
-as much as a whole SGD-momentum step, and SING's two sums per leaf (per-channel
-means, sum of squares) are most of its cost beyond AdamW's. SING's softplus, a
-rational function with the division shared with Adam's, costs little. On
-accelerators, where the step is bound by memory traffic, none of these dominates.
+as much as a whole SGD-momentum step, and SING's two reductions per leaf
+(per-channel means, then the sum of squares of the centred gradient) and its
+softplus (an ``exp`` and a ``log1p`` per element) are most of its cost beyond
+AdamW's. On accelerators, where the step is bound by memory traffic, none of these
+dominates (``bench_accelerator.py`` measures that).
 
     python experiments/bench_optimizers.py [--repeats 100] [--only sgdmrt adamsrt]
                                            [--no-breakdown]
