@@ -179,8 +179,7 @@ def test_singd_steps_run_the_model_outside_any_conditional():
                                  options=train.StepOptions(singd=True))
     state = step.place_state(state)
     batch = tiny_batch()
-    train_jaxpr = jax.make_jaxpr(step._fn)(state.replace(data_state=None),
-                                           step.place_batch(batch))
+    train_jaxpr = jax.make_jaxpr(step._fn)(state, step.place_batch(batch))
 
     # The same for the library helper under jit, where the step count is traced.
     graphdef, params, rest = nnx.split(TinyConvNet(rngs=nnx.Rngs(0)), nnx.Param, ...)

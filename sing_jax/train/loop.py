@@ -272,11 +272,12 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                     detect_channel_dims=detect,
                                     diagnostics=config.logging.grad_norms)
     set_batch_norm_axis(model, config.sync_batch_stats)
-    state = TrainState.create(model, tx, rng=config.seed, data_state=train_iter.get_state())
+    state = TrainState.create(model, tx, rng=config.seed)
 
     # Workdir and checkpoints.
     has_checkpoints = ckpt_lib.prepare_workdir(workdir, config, overwrite)
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         save_interval_steps=config.checkpoint.every_steps,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
@@ -296,13 +297,13 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     # Restored into the placed layout: every process reads its replicated copy.
     resumed_from = None
     if has_checkpoints:
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(state, data_iterator=train_iter)
         if restored is not None:
             state = restored
             resumed_from = int(to_host(state.step))
-            train_iter.set_state(state.data_state)
-            logger.truncate_after(resumed_from)
             say(f"resumed from step {resumed_from} in {workdir}")
+        # Records after the restored step (all, where none was readable) are written again.
+        logger.truncate_after(resumed_from or 0)
 
     zeros = train_step.place_state(zero_epoch_metrics()) if config.parallel == "shard_map" \
         else zero_epoch_metrics()
@@ -327,7 +328,6 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 step += 1
-                state = state.replace(data_state=train_iter.get_state())
                 if compile_time == 0.0:
                     jax.block_until_ready(state.step)
                     compile_time = time.perf_counter() - t0
@@ -344,9 +344,9 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                     progress.update(1, loss=record["loss"])
                 else:
                     progress.update(1)
-                if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
-                        and not end_of_epoch):
-                    checkpointer.save(state)
+                # Orbax's decision (the interval, a preemption); called on every step.
+                if checkpointer.should_save(step) and not end_of_epoch:
+                    checkpointer.save(state, data_iterator=train_iter)
                 if end_of_epoch:
                     break
             progress.close()
@@ -373,8 +373,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
             say(f"epoch {epoch + 1}: " + ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy"))))
             state = state.replace(epoch_metrics=jax.tree.map(jnp.copy, zeros))
-            checkpointer.save(state, valid_accuracy=record.get("valid_accuracy",
-                                                               record["test_accuracy"]))
+            checkpointer.save(state, data_iterator=train_iter,
+                              valid_accuracy=record.get("valid_accuracy", record["test_accuracy"]))
         checkpointer.wait()
     finally:
         checkpointer.close()
