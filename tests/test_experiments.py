@@ -11,7 +11,7 @@ from flax import nnx
 from experiments.configs import learnable_scaler_vit, quickstart, sing, singd, spherical
 from sing_jax.data import get_info
 from sing_jax.train import optimizers, registry
-from sing_jax.train.loop import _merged, train_and_evaluate, validate_config
+from sing_jax.train.loop import train_and_evaluate, validate_config
 
 TINY_ARGS = [
     (quickstart, "digits,adamw,tiny"), (quickstart, "mnist1d,singd,tiny"),
@@ -24,9 +24,7 @@ TINY_ARGS = [
 
 @pytest.mark.parametrize("module, arg", TINY_ARGS, ids=[a for _, a in TINY_ARGS])
 def test_tiny_configs_build_a_model_and_optimizer(module, arg):
-    config = module.get_config(arg)
-    validate_config(config)
-    config = _merged(config)
+    config = validate_config(module.get_config(arg))
     info = get_info(registry.resolve_dataset(config.dataset.name))
     kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     # Abstract build (shapes only): the configs' keys are what is tested, not the init.

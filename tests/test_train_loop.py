@@ -23,18 +23,27 @@ def _tiny():
     return c
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: setattr(c, "num_epoch", 3), r"config key 'num_epoch' is unknown"),
-    (lambda c: c.logging.__setattr__("evry_steps", 3), r"'logging.evry_steps' is unknown"),
-    (lambda c: setattr(c, "parallel", "vmap"), r"config.parallel='vmap'"),
-    (lambda c: setattr(c, "compute_dtype", "fp8"), r"compute_dtype='fp8'"),
+@pytest.mark.parametrize("change, message", [
+    ({"num_epoch": 3}, r"config key 'num_epoch' is unknown; valid keys here: .*'num_epochs'"),
+    ({"logging": {"evry_steps": 3}}, r"'logging.evry_steps' is unknown; .*'every_steps'"),
+    ({"num_epochs": "ten"}, r"config key 'num_epochs': .*ten.*cannot be casted"),
+    ({"parallel": "vmap"}, r"config.parallel='vmap'"),
+    ({"compute_dtype": "fp8"}, r"compute_dtype='fp8'"),
 ])
-def test_config_typos_are_errors(mutate, message, tmp_path):
-    c = _tiny()
-    mutate(c)
+def test_config_typos_are_errors(change, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        train_and_evaluate(c, str(tmp_path))
+        train_and_evaluate({**_tiny().to_dict(), **change}, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_default_config_refuses_keys_it_does_not_have():
+    c = default_config()
+    with pytest.raises(AttributeError, match='"num_epoch" does not exist'):
+        c.num_epoch = 3
+    with pytest.raises(AttributeError, match='Did you mean "every_steps"'):
+        c.logging.evry_steps = 3
+    c.model = dict(name="mlp", hidden=(8,))  # model/optimizer/schedule are replaced whole
+    assert validate_config(c).model.hidden == (8,)
 
 
 @pytest.mark.parametrize("section, value, message", [
@@ -143,9 +152,11 @@ def test_pmap_run_with_grad_norms_writes_every_output(tmp_path):
     assert again.test_accuracy_at_best_valid == summary.test_accuracy_at_best_valid
 
 
-def test_validate_accepts_every_default():
-    validate_config(default_config())
-    validate_config({"num_epochs": 2, "logging": {"plot": False}})  # partial configs are fine
+def test_validate_fills_partial_configs_with_the_defaults():
+    assert validate_config(default_config()).to_dict() == default_config().to_dict()
+    merged = validate_config({"num_epochs": 2, "logging": {"plot": False}})
+    assert merged.num_epochs == 2 and merged.logging.plot is False
+    assert merged.logging.every_steps == default_config().logging.every_steps
 
 
 def test_singd_with_gradient_accumulation_sums_statistics_over_micro_batches(tmp_path):

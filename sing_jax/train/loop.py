@@ -82,49 +82,52 @@ def default_config() -> ml_collections.ConfigDict:
         progress=True,
         plot=True,
     ))
-    return c
+    # Locked: setting a key it does not have (a typo) raises; model, optimizer and
+    # schedule are replaced whole and their keys checked by their builders.
+    return c.lock()
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def validate_config(config: Any) -> None:
-    """A ValueError naming any key the loop does not know (a typo is never ignored)."""
-    given, known = _as_dict(config), _as_dict(default_config())
-
-    def walk(g: Mapping[str, Any], k: Mapping[str, Any], prefix: str) -> None:
-        for key, value in g.items():
-            name = f"{prefix}{key}"
-            if key not in k:
-                raise ValueError(f"config key {name!r} is unknown; valid keys here: "
-                                 f"{sorted(k)}")
-            if prefix == "" and key in OPEN_SECTIONS:
-                continue
-            if isinstance(k[key], Mapping):
-                if not isinstance(value, Mapping):
-                    raise ValueError(f"config key {name!r} must be a section, got {value!r}")
-                walk(value, k[key], name + ".")
-
-    walk(given, known, "")
-    if given.get("parallel", "shard_map") not in PARALLEL_MODES:
-        raise ValueError(f"config.parallel={given['parallel']!r}; expected one of "
-                         f"{PARALLEL_MODES}")
-    if given.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
-        raise ValueError(f"config.compute_dtype={given['compute_dtype']!r}; expected one of "
-                         f"{sorted(COMPUTE_DTYPES)}")
-
-
-def _merged(config: Any) -> ml_collections.ConfigDict:
-    base = default_config()
-    given = _as_dict(config)
-    merged = _as_dict(base)
-    for key, value in given.items():
-        if isinstance(value, Mapping) and key not in OPEN_SECTIONS:
-            merged[key] = {**merged[key], **value}
+def _set_known(target: ml_collections.ConfigDict, key: str, value: Any, name: str) -> None:
+    """``target[key] = value`` in a locked ConfigDict, which refuses unknown keys and
+    values of another type; the ValueError names the dotted key."""
+    try:
+        if name in OPEN_SECTIONS:
+            # Keys depend on the chosen model/optimizer/schedule: their builders check them.
+            target[key] = ml_collections.ConfigDict(_as_dict(value))
+        elif isinstance(value, Mapping) and isinstance(target.get(key), ml_collections.ConfigDict):
+            for sub_key, sub_value in value.items():
+                _set_known(target[key], sub_key, sub_value, f"{name}.{sub_key}")
         else:
-            merged[key] = value
-    return ml_collections.ConfigDict(merged)
+            target[key] = value
+    except KeyError:
+        raise ValueError(f"config key {name!r} is unknown; valid keys here: "
+                         f"{sorted(target)}") from None
+    except TypeError as e:
+        raise ValueError(f"config key {name!r}: {e}") from None
+
+
+def validate_config(config: Any) -> ml_collections.ConfigDict:
+    """``config`` over :func:`default_config`: every key it leaves out takes the default.
+
+    Raises:
+      ValueError: naming a key the loop does not know (a typo is never ignored), a
+        value of another type than the default's, or an unknown ``parallel`` or
+        ``compute_dtype``.
+    """
+    merged = default_config()  # locked: ml_collections refuses keys it does not have
+    for key, value in _as_dict(config).items():
+        _set_known(merged, key, value, key)
+    if merged.parallel not in PARALLEL_MODES:
+        raise ValueError(f"config.parallel={merged.parallel!r}; expected one of "
+                         f"{PARALLEL_MODES}")
+    if merged.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype={merged.compute_dtype!r}; expected one of "
+                         f"{sorted(COMPUTE_DTYPES)}")
+    return merged
 
 
 @dataclasses.dataclass
@@ -188,8 +191,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     """
     import sing_jax.data as sdata
 
-    validate_config(config)
-    config = _merged(config)
+    config = validate_config(config)
     # Names and keys first: a typo fails before any data or model is built.
     registry.resolve_dataset(config.dataset.name)
     if config.model.name not in registry.model_names():
@@ -270,11 +272,12 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                     detect_channel_dims=detect,
                                     diagnostics=config.logging.grad_norms)
     set_batch_norm_axis(model, config.sync_batch_stats)
-    state = TrainState.create(model, tx, rng=config.seed, data_state=train_iter.get_state())
+    state = TrainState.create(model, tx, rng=config.seed)
 
     # Workdir and checkpoints.
     has_checkpoints = ckpt_lib.prepare_workdir(workdir, config, overwrite)
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         save_interval_steps=config.checkpoint.every_steps,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
@@ -294,13 +297,13 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     # Restored into the placed layout: every process reads its replicated copy.
     resumed_from = None
     if has_checkpoints:
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(state, data_iterator=train_iter)
         if restored is not None:
             state = restored
             resumed_from = int(to_host(state.step))
-            train_iter.set_state(state.data_state)
-            logger.truncate_after(resumed_from)
             say(f"resumed from step {resumed_from} in {workdir}")
+        # Records after the restored step (all, where none was readable) are written again.
+        logger.truncate_after(resumed_from or 0)
 
     zeros = train_step.place_state(zero_epoch_metrics()) if config.parallel == "shard_map" \
         else zero_epoch_metrics()
@@ -325,7 +328,6 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 step += 1
-                state = state.replace(data_state=train_iter.get_state())
                 if compile_time == 0.0:
                     jax.block_until_ready(state.step)
                     compile_time = time.perf_counter() - t0
@@ -342,9 +344,9 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                     progress.update(1, loss=record["loss"])
                 else:
                     progress.update(1)
-                if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
-                        and not end_of_epoch):
-                    checkpointer.save(state)
+                # Orbax's decision (the interval, a preemption); called on every step.
+                if checkpointer.should_save(step) and not end_of_epoch:
+                    checkpointer.save(state, data_iterator=train_iter)
                 if end_of_epoch:
                     break
             progress.close()
@@ -371,8 +373,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
             say(f"epoch {epoch + 1}: " + ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy"))))
             state = state.replace(epoch_metrics=jax.tree.map(jnp.copy, zeros))
-            checkpointer.save(state, valid_accuracy=record.get("valid_accuracy",
-                                                               record["test_accuracy"]))
+            checkpointer.save(state, data_iterator=train_iter,
+                              valid_accuracy=record.get("valid_accuracy", record["test_accuracy"]))
         checkpointer.wait()
     finally:
         checkpointer.close()

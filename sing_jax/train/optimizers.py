@@ -90,7 +90,9 @@ def optimizer_kwargs(opt_cfg: Any) -> tuple[str, dict[str, Any]]:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
     constructor, _ = OPTIMIZERS[name]
-    # axis_name and other are wired by the training step, not set from a config.
+    # The valid keys are the constructor's keyword arguments (config.optimizer is not a
+    # locked ConfigDict: its keys depend on the optimizer, and a list of them would repeat
+    # these). axis_name and other are wired by the training step, not set from a config.
     accepted = [p for p in inspect.signature(constructor).parameters
                 if p not in ("learning_rate", "channel_dims", "axis_name", "other")]
     kwargs = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}

@@ -86,6 +86,8 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...],
     if name not in table:
         raise ValueError(f"unknown model {name!r}; valid names: {sorted(table)}")
     builder, signature_of = table[name]
+    # The valid keys are the constructor's keyword arguments (config.model is not a
+    # locked ConfigDict: its keys depend on the model, and a list of them would repeat these).
     target = signature_of.__init__ if inspect.isclass(signature_of) else signature_of
     params = inspect.signature(target).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -5,9 +5,9 @@ arrays: the trainable ``nnx.Param`` leaves, everything else the model carries
 (BatchNorm running statistics, dropout RNG counters), and the optimizer state.
 :class:`TrainState` holds those arrays as plain nested dicts (``State.to_pure_dict``),
 so a checkpoint is readable without the model class, plus the step counter, an RNG
-key, the running sums of the current epoch's training metrics (so a run resumed
-mid-epoch reports the same epoch averages) and, outside the jitted part, the
-JSON-able state of the data iterator.
+key and the running sums of the current epoch's training metrics (so a run resumed
+mid-epoch reports the same epoch averages). The data iterator's position is saved
+next to it by :class:`~sing_jax.train.Checkpointer` (grain's checkpoint handler).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ class TrainState:
       epoch_metrics: running sums of the current epoch's loss, correct count and
         example count.
       graphdef: the NNX graph definition of the model in training mode (static).
-      data_state: JSON-able state of the training data iterator (host side; it is
-        not passed through jit and is saved next to the arrays in a checkpoint).
     """
 
     step: jax.Array
@@ -54,18 +52,16 @@ class TrainState:
     rng: jax.Array
     epoch_metrics: dict[str, jax.Array]
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
-    data_state: Any = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, model: nnx.Module, tx: optax.GradientTransformation,
-               rng: jax.Array | int = 0, data_state: Any = None) -> TrainState:
+               rng: jax.Array | int = 0) -> TrainState:
         """Splits ``model`` and initialises ``tx`` on its parameters.
 
         Args:
           model: an NNX module; it is put in training mode (``model.train()``).
           tx: the optimizer.
           rng: a PRNG key (typed or raw) or an int seed.
-          data_state: the initial data-iterator state (JSON-able), if any.
         """
         if not isinstance(model, nnx.Module):
             raise TypeError(f"TrainState.create: model must be an nnx.Module, got "
@@ -83,8 +79,7 @@ class TrainState:
             rng = jax.random.key_data(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                    opt_state=tx.init(params), rng=jnp.asarray(rng),
-                   epoch_metrics=zero_epoch_metrics(), graphdef=graphdef,
-                   data_state=data_state)
+                   epoch_metrics=zero_epoch_metrics(), graphdef=graphdef)
 
     def model(self, train: bool = False) -> nnx.Module:
         """The NNX model with these parameters, in training or evaluation mode."""

@@ -353,12 +353,7 @@ class ParallelStep:
                 for k, v in batch.items()}
 
     def __call__(self, state: TrainState, batch: Batch) -> Any:
-        host_data_state = state.data_state
-        out = self._fn(state.replace(data_state=None), self.place_batch(batch))
-        if self.returns_state:
-            new_state, metrics = out
-            return new_state.replace(data_state=host_data_state), metrics
-        return out
+        return self._fn(state, self.place_batch(batch))
 
 
 def make_train_step(tx: optax.GradientTransformation, *, parallel: str = "shard_map",
