@@ -124,3 +124,27 @@ def test_the_pytorch_windows_take_their_steps_on_the_device_they_are_given(monke
     window()
     for first, warm, now in zip(start, after_warmup, model.parameters()):
         assert not torch.equal(first, warm) and not torch.equal(warm, now)
+
+
+def test_the_full_plan_names_only_pieces_that_exist_at_the_sizes_it_claims():
+    from flax import nnx
+
+    from experiments import bench_optimizers, bench_singd
+    from sing_jax.nn import models
+
+    plan = bench_accelerator.FULL
+    known = {pair[0] for pair in bench_optimizers.optimizer_pairs()}
+    assert set(plan.optimizers) == known  # every pair of bench_optimizers
+    assert [label for label, *_ in plan.trees] == ["ResNet-18 (CIFAR)", "ViT-B/16"]
+    # the rows with targets come first, then every structure at T=1 and T=10 on both models
+    assert plan.singd_rows[:2] == (("cnn", "diagonal", 10), ("cnn", "dense", 1))
+    assert {(m, s, t) for m in ("mlp", "cnn") for s in bench_singd.STRUCTURES
+            for t in (1, 10)} <= set(plan.singd_rows)
+    assert len(set(plan.singd_rows)) == len(plan.singd_rows)
+    vit_tiny = nnx.eval_shape(lambda: models.ViT(**plan.vit_tiny, rngs=nnx.Rngs(0)))
+    assert 5.5e6 < models.count_params(vit_tiny) < 6.0e6  # ViT-Ti/16, 1000 classes: 5.7M
+    assert plan.train_rows[0] == ("ResNet-18", 128, "float32")
+    assert {(m, b, d) for m in ("ResNet-20", "ResNet-18") for b in (128, 512)
+            for d in ("float32", "bfloat16")} == set(plan.train_rows)
+    for build_jax, build_torch, _ in plan.train_models.values():
+        assert callable(build_jax) and callable(build_torch)
