@@ -3,7 +3,8 @@
 Every benchmark here compares our step with a baseline measured in the same
 process. :func:`interleaved_medians` lets the calls take turns, round by round,
 so that noise on this shared machine hits all of them alike, and reports medians.
-:func:`copy_bandwidth` gives the unit of the memory-traffic floors the scripts print.
+:func:`copy_bandwidth` gives the unit of the memory-traffic floors the scripts print,
+:func:`update_floor_bytes` their numerator.
 """
 
 from __future__ import annotations
@@ -59,6 +60,45 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], repeats: int,
     return {name: statistics.fmean(statistics.median(t[position::period])
                                    for position in range(period))
             for name, t in times.items()}
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of the arrays of a pytree."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def update_floor_bytes(params: Any, opt_state: Any, lookahead_every: int | None = None) -> float:
+    """Bytes an optimizer step must move at the least, per step.
+
+    It reads the parameters, the gradients (the parameters' shapes and dtypes) and
+    every state array once, and writes the parameters and the state arrays once:
+    ``2 params + grads + 2 state``. The slow weights of a ``sing_jax.lookahead``
+    (its ``LookaheadState.slow``) are the exception: they are read on a synchronising
+    step and written on the next, so they move ``2 / lookahead_every`` of their bytes
+    per step (``lookahead_every`` is required when the state holds such weights).
+
+    A per-channel reduction that must finish before its leaf's elementwise update
+    (SING's gradient statistics, the RT steps' inner products) reads the leaf once
+    more; that second read is not counted: a leaf of these models (at most 9.4 MB
+    of float32) fits an accelerator's last-level cache, so it need not come from
+    device memory again.
+    """
+    from sing_jax import LookaheadState
+
+    is_lookahead = lambda x: isinstance(x, LookaheadState)  # noqa: E731
+    slow_bytes = 0
+    rest = []
+    for leaf in jax.tree.leaves(opt_state, is_leaf=is_lookahead):
+        if is_lookahead(leaf):
+            slow_bytes += tree_bytes(leaf.slow)
+            rest += [leaf.count, leaf.sync_pending]
+        else:
+            rest.append(leaf)
+    if slow_bytes and not lookahead_every:
+        raise ValueError("update_floor_bytes: the state holds Lookahead slow weights; pass "
+                         f"lookahead_every (the sync period), got {lookahead_every!r}")
+    slow_share = 2 * slow_bytes / lookahead_every if slow_bytes else 0.0
+    return 3 * tree_bytes(params) + 2 * tree_bytes(rest) + slow_share
 
 
 def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:

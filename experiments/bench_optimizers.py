@@ -1,11 +1,12 @@
 """Update+apply time of each sing_jax optimizer against its optax baseline, side by side.
 
 On the parameter tree of ResNet-18 (CIFAR variant, 11.17M parameters, Flax
-layout), the jitted ``update`` + ``apply_updates`` step with donated params and
-state is timed for ours and the baseline in the same process, interleaved
-step by step so that machine noise hits both alike, and reported with the
-memory-traffic floor (bytes the step must read and write divided by the measured
-copy bandwidth). The time of a step is the mean over the five positions of a
+layout; a ViT-B/16's, 86.57M, with ``--tree vit-b16``), the jitted ``update`` +
+``apply_updates`` step with donated params and state is timed for ours and the
+baseline in the same process, interleaved step by step so that machine noise hits
+both alike, and reported with the memory-traffic floor (bytes the step must read
+and write, ``_timing.update_floor_bytes``, divided by the measured copy
+bandwidth). The time of a step is the mean over the five positions of a
 Lookahead cycle of each position's median: SING's synchronising step and the
 copy of the slow weights after it are dearer than its other three, so a plain
 median over steps would land between the two kinds and report neither SING's
@@ -25,7 +26,9 @@ AdamW's. On accelerators, where the step is bound by memory traffic, none of the
 dominates (``bench_accelerator.py`` measures that).
 
     python experiments/bench_optimizers.py [--repeats 100] [--only sgdmrt adamsrt]
-                                           [--no-breakdown]
+                                           [--no-breakdown] [--tree vit-b16]
+
+``experiments/bench_accelerator.py`` times the same pairs on an accelerator.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import sing_jax
@@ -49,21 +53,32 @@ else:  # run by path: this script's folder is first on sys.path
     import xla_cpu
 
 
-def resnet18_cifar_params(num_classes: int = 10) -> dict:
-    """ResNet-18, CIFAR variant (3x3 stem, no max-pool), Flax layout, BatchNorm scales/biases."""
-    key = iter(jax.random.split(jax.random.key(0), 64))
+def random_leaf(shape, scale: float, seed: int) -> jax.Array:
+    """A float32 array of normal values times ``scale``, made by NumPy: no compilation
+    per leaf shape (which costs seconds per tree on XLA:CPU)."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * np.float32(scale))
+
+
+def resnet18_cifar_params(num_classes: int = 10, width: int = 64) -> dict:
+    """ResNet-18, CIFAR variant (3x3 stem, no max-pool), Flax layout, BatchNorm scales/biases.
+
+    ``width`` is the first stage's channel count (stages of ``width * (1, 2, 4, 8)``).
+    """
+    seeds = iter(range(64))
     params: dict = {}
 
     def conv(name, k, cin, cout):
-        params[name] = {"kernel": jax.random.normal(next(key), (k, k, cin, cout)) * 0.05}
+        params[name] = {"kernel": random_leaf((k, k, cin, cout), 0.05, next(seeds))}
 
     def bn(name, c):
-        params[name] = {"scale": jnp.ones(c), "bias": jnp.zeros(c)}
+        params[name] = {"scale": jnp.asarray(np.ones(c, np.float32)),
+                        "bias": jnp.asarray(np.zeros(c, np.float32))}
 
-    conv("stem", 3, 3, 64)
-    bn("stem_bn", 64)
-    cin = 64
-    for stage, cout in enumerate([64, 128, 256, 512]):
+    conv("stem", 3, 3, width)
+    bn("stem_bn", width)
+    cin = width
+    for stage, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
         for block in range(2):
             stride_block = block == 0 and stage > 0
             prefix = f"layer{stage + 1}_{block}"
@@ -75,9 +90,34 @@ def resnet18_cifar_params(num_classes: int = 10) -> dict:
                 conv(f"{prefix}_shortcut", 1, cin, cout)
                 bn(f"{prefix}_shortcut_bn", cout)
             cin = cout
-    params["fc"] = {"kernel": jax.random.normal(next(key), (512, num_classes)) * 0.05,
-                    "bias": jnp.zeros(num_classes)}
+    params["fc"] = {"kernel": random_leaf((8 * width, num_classes), 0.05, next(seeds)),
+                    "bias": jnp.asarray(np.zeros(num_classes, np.float32))}
     return params
+
+
+def vit_params(num_classes: int = 1000, image_size: int = 224, patch_size: int = 16,
+               embed_dim: int = 768, depth: int = 12, num_heads: int = 12) -> dict:
+    """The parameter tree of :class:`sing_jax.nn.models.ViT` as a plain dict (the
+    defaults: ViT-B/16, 86.57M parameters for 1000 classes): norm scales one, biases
+    zero, the other leaves normal times 0.02. Only the shapes come from the model, so
+    nothing is compiled."""
+    from flax import nnx
+
+    from sing_jax.nn.models import ViT
+
+    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ViT(
+        num_classes, image_size=image_size, patch_size=patch_size, embed_dim=embed_dim,
+        depth=depth, num_heads=num_heads, rngs=nnx.Rngs(0))), nnx.Param))
+    seeds = iter(range(10**6))
+
+    def leaf(path, shape):
+        name = path[-1].key
+        if name in ("scale", "bias"):
+            return jnp.asarray((np.ones if name == "scale" else np.zeros)(shape.shape,
+                                                                          shape.dtype))
+        return random_leaf(shape.shape, 0.02, next(seeds))
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def conv_channel_dims(params):
@@ -86,20 +126,32 @@ def conv_channel_dims(params):
                                                       ChannelDims((-1,)))])
 
 
-# (name, ours, baseline name, baseline, tensors read+written per element, target ratio)
-def optimizer_pairs():
+def kernel_channel_dims(params):
+    """Every conv and dense kernel per output channel, the rest Euclidean (a ViT has no
+    conv named like ResNet's, and the RT steps should do their per-channel work on it)."""
+    return sing_jax.channel_dims_from_rules(params, [(r".*kernel$", ChannelDims((-1,)))])
+
+
+def optimizer_pairs(channel_dims=conv_channel_dims):
+    """``(name, ours, baseline name, baseline, target ratio on XLA:CPU or None)`` for
+    each of our optimizers; the spherical ones group leaves by ``channel_dims``."""
     return [
         ("sing", sing_jax.sing(5e-3, weight_decay=5e-4), "optax.adamw",
-         optax.adamw(5e-4, weight_decay=5e-3), 9, 1.3),
-        ("adams", sing_jax.adams(1e-3, channel_dims=conv_channel_dims), "optax.adam",
-         optax.adam(1e-3), 5, 1.5),
-        ("adamsrt", sing_jax.adamsrt(1e-3, channel_dims=conv_channel_dims), "optax.adam",
-         optax.adam(1e-3), 5, 1.5),
-        ("adamg", sing_jax.adamg(1e-3, channel_dims=conv_channel_dims), "optax.adam",
-         optax.adam(1e-3), 5, None),
-        ("sgdmrt", sing_jax.sgdmrt(0.1, momentum=0.9, channel_dims=conv_channel_dims),
-         "optax.sgd(momentum=0.9)", optax.sgd(0.1, momentum=0.9), 5, 2.0),
+         optax.adamw(5e-4, weight_decay=5e-3), 1.3),
+        ("adams", sing_jax.adams(1e-3, channel_dims=channel_dims), "optax.adam",
+         optax.adam(1e-3), 1.5),
+        ("adamsrt", sing_jax.adamsrt(1e-3, channel_dims=channel_dims), "optax.adam",
+         optax.adam(1e-3), 1.5),
+        ("adamg", sing_jax.adamg(1e-3, channel_dims=channel_dims), "optax.adam",
+         optax.adam(1e-3), None),
+        ("sgdmrt", sing_jax.sgdmrt(0.1, momentum=0.9, channel_dims=channel_dims),
+         "optax.sgd(momentum=0.9)", optax.sgd(0.1, momentum=0.9), 2.0),
     ]
+
+
+# the trees ``--tree`` offers: (builder, the spherical optimizers' channel grouping)
+TREES = {"resnet18": (resnet18_cifar_params, conv_channel_dims),
+         "vit-b16": (vit_params, kernel_channel_dims)}
 
 
 def make_step(tx):
@@ -193,8 +245,11 @@ def main() -> None:
                         help="optimizers to run (default: all): sing adams adamsrt adamg sgdmrt")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the table of where SING's and RT's time goes")
+    parser.add_argument("--tree", choices=sorted(TREES), default="resnet18",
+                        help="the parameter tree (default: resnet18, CIFAR variant)")
     args = parser.parse_args()
-    pairs = optimizer_pairs()
+    build_tree, channel_dims = TREES[args.tree]
+    pairs = optimizer_pairs(channel_dims)
     known = [pair[0] for pair in pairs]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
@@ -203,12 +258,12 @@ def main() -> None:
         parser.error(f"--repeats: {args.repeats} is not a positive multiple of "
                      f"{LOOKAHEAD_CYCLE} (one Lookahead cycle)")
 
-    params0 = resnet18_cifar_params()
+    params0 = build_tree()
     n_params = sum(p.size for p in jax.tree.leaves(params0))
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-2,
                          params0)
     bandwidth = _timing.copy_bandwidth()
-    print(f"ResNet-18 (CIFAR) parameter tree: {n_params / 1e6:.2f}M parameters, "
+    print(f"{args.tree} parameter tree: {n_params / 1e6:.2f}M parameters, "
           f"{len(jax.tree.leaves(params0))} leaves; devices: {jax.devices()[0].platform} x"
           f"{jax.device_count()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'optimizer':<10} {'baseline':<24} {'ours ms':>8} {'base ms':>8} "
@@ -216,14 +271,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     worst = 0.0
-    for name, ours, base_name, base, tensors, target in pairs:
+    for name, ours, base_name, base, target in pairs:
         if args.only and name not in args.only:
             continue
         ms = interleaved_medians({"ours": optimizer_run(ours, params0, grads),
                                   "base": optimizer_run(base, params0, grads)},
                                  args.repeats)
         ratio = ms["ours"] / ms["base"]
-        floor_ms = tensors * 4 * n_params / bandwidth * 1e3
+        floor_ms = _timing.update_floor_bytes(
+            params0, jax.eval_shape(ours.init, params0), LOOKAHEAD_CYCLE) / bandwidth * 1e3
         if target is not None:
             worst = max(worst, ratio / target)
         target_str = "-" if target is None else f"<={target}"

@@ -106,10 +106,15 @@ def torch_model(name):
     return nn.Sequential(*layers)
 
 
-def data(name, seed=0):
+def model_of(name):
+    """The benchmark's ``"mlp"`` or ``"cnn"``, initialised from seed 0."""
+    return (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+
+
+def data(name, seed=0, batch=BATCH):
     rng = np.random.default_rng(seed)
-    shape = (BATCH, 28, 28, 1) if name == "mlp" else (BATCH, 32, 32, 3)
-    return rng.normal(size=shape).astype(np.float32), rng.integers(0, 10, BATCH)
+    shape = (batch, 28, 28, 1) if name == "mlp" else (batch, 32, 32, 3)
+    return rng.normal(size=shape).astype(np.float32), rng.integers(0, 10, batch)
 
 
 def loss_fn(model, x, y):
@@ -125,82 +130,85 @@ def seconds_per_step(windows: dict, repeats: int) -> dict:
     return {name: seconds[name] / steps for name, (_, steps) in windows.items()}
 
 
-def jax_window(step, carry, steps):
-    """A window of ``steps`` calls of ``carry, loss = step(carry)``."""
+def jax_window(step, carry, fixed, steps):
+    """A window of ``steps`` calls of ``*carry, loss = step(*carry, *fixed)``."""
     box = [carry]
 
     def window():
         for _ in range(steps):
-            box[0], loss = step(box[0])
+            *new_carry, loss = step(*box[0], *fixed)
+            box[0] = tuple(new_carry)
         loss.block_until_ready()
 
     return window
 
 
-def ours_window(name, structure, T, steps):
-    """Our SINGD train step on ``name``: a window of ``steps`` steps, and the bytes of
-    the preconditioner state."""
-    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+def singd_train_step(model, structure, T, x, y):
+    """Our jitted SINGD train step on ``model`` (forward, backward, capture, update):
+    ``(step, carry, fixed, preconditioner bytes)``, where ``step(*carry, *fixed)``
+    returns ``(*new carry, loss)`` and donates the carry (parameters, optimizer state)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = sing_jax.singd(1e-2, T=T, structures=(structure, structure))
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)  # one compilation, not one per leaf shape
 
-    def step(params, rest, opt_state, x, y):
+    def step(params, opt_state, rest, x, y):
         m = nnx.merge(graphdef, params, rest, copy=True)
         (loss, grads), stats = sing_jax.singd_value_and_grad(loss_fn, m, x, y,
                                                              opt_state=opt_state)
         updates, opt_state = tx.update(grads, opt_state, params, singd_stats=stats)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(step, donate_argnums=(0, 2))
-    x, y = (jnp.asarray(a) for a in data(name))
-
-    def advance(carry):
-        params, state, loss = step(carry[0], rest, carry[1], x, y)
-        return (params, state), loss
-
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state.layers))
-    return jax_window(advance, (params, state), steps), nbytes
+    return jax.jit(step, donate_argnums=(0, 1)), (params, state), (rest, x, y), nbytes
 
 
-def sgd_window(name, steps):
-    """``optax.sgd(momentum=0.9)`` on the same model: a window of ``steps`` steps."""
-    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+def optax_train_step(model, tx, x, y):
+    """The same train step with an optax optimizer ``tx``: ``(step, carry, fixed)``."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.sgd(1e-2, momentum=0.9)
-    state = tx.init(params)
 
-    def step(params, opt_state, x, y):
+    def step(params, opt_state, rest, x, y):
         loss, grads = jax.value_and_grad(
             lambda p: loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(step, donate_argnums=(0, 1))
+    return (jax.jit(step, donate_argnums=(0, 1)), (params, jax.jit(tx.init)(params)),
+            (rest, x, y))
+
+
+def ours_window(name, structure, T, steps):
+    """Our SINGD train step on ``name``: a window of ``steps`` steps, and the bytes of
+    the preconditioner state."""
     x, y = (jnp.asarray(a) for a in data(name))
-
-    def advance(carry):
-        params, state, loss = step(*carry, x, y)
-        return (params, state), loss
-
-    return jax_window(advance, (params, state), steps)
+    step, carry, fixed, nbytes = singd_train_step(model_of(name), structure, T, x, y)
+    return jax_window(step, carry, fixed, steps), nbytes
 
 
-def torch_step(name, structure, T):
-    """One PyTorch ``singd`` step on the same architecture, or None without torch."""
+def sgd_window(name, steps):
+    """``optax.sgd(momentum=0.9)`` on the same model: a window of ``steps`` steps."""
+    x, y = (jnp.asarray(a) for a in data(name))
+    return jax_window(*optax_train_step(model_of(name), optax.sgd(1e-2, momentum=0.9), x, y),
+                      steps)
+
+
+def torch_step(name, structure, T, device="cpu", batch=BATCH):
+    """One PyTorch ``singd`` step on the same architecture, or None without torch.
+
+    On a CUDA ``device`` the step only queues the work: synchronise before reading a
+    clock."""
     try:
         import torch
         from singd.optim.optimizer import SINGD
     except ImportError:
         return None
     torch.manual_seed(0)
-    model = torch_model(name)
+    model = torch_model(name).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = SINGD(model, lr=1e-2, T=T, structures=(STRUCTURES[structure],) * 2)
-    xb, yb = data(name)
-    x = torch.tensor(xb.transpose(0, 3, 1, 2).copy())
-    y = torch.tensor(yb)
+    xb, yb = data(name, batch=batch)
+    x = torch.tensor(xb.transpose(0, 3, 1, 2).copy(), device=device)
+    y = torch.tensor(yb, device=device)
 
     def one_step():
         opt.zero_grad()
@@ -230,8 +238,7 @@ def layer_piece_times(name, structure, repeats=20):
     """
     from sing_jax._src.singd import transform
 
-    model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model_of(name), nnx.Param, ...)
     lr, momentum, damping, alpha1, lr_cov = 1e-2, 0.9, 1e-3, 0.5, 1e-2
     tx = sing_jax.singd(lr, momentum=momentum, damping=damping, alpha1=alpha1, T=1,
                         lr_cov=lr_cov, structures=(structure, structure))
@@ -317,8 +324,8 @@ def main():
     print("-" * len(header))
     worst_t1, diag_t10 = float("nan"), float("nan")  # nan: not measured in this run
     for name in args.models:
-        model = (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
-        param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model_of(name),
+                                                                       nnx.Param)))
         for structure in args.structures:
             torch_refresh = None  # PyTorch's T=1 step: the refresh step of T > 1
             for T in sorted(args.T):

@@ -67,59 +67,112 @@ def bench_jax(batch: int, steps: int, repeats: int) -> tuple[float, float]:
     return statistics.median(rates), compile_s
 
 
-def _torch_resnet20():
+def _torch_basic_block(cin, cout, stride, shortcut):
+    """A PyTorch twin of ``sing_jax.nn.models.BasicBlock`` (``shortcut``: ``"pad"``, option
+    A, or ``"projection"``, a 1x1 conv + BatchNorm)."""
     import torch
     from torch import nn
 
     class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
+        def __init__(self):
             super().__init__()
             self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
             self.b1 = nn.BatchNorm2d(cout)
             self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
             self.b2 = nn.BatchNorm2d(cout)
             self.stride, self.pad = stride, cout - cin
+            changes_shape = stride > 1 or cin != cout
+            self.projection = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                             nn.BatchNorm2d(cout))
+                               if changes_shape and shortcut == "projection" else None)
 
         def forward(self, x):
             out = torch.relu(self.b1(self.c1(x)))
             out = self.b2(self.c2(out))
-            short = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-            if self.pad:
-                short = nn.functional.pad(short, (0, 0, 0, 0, 0, self.pad))
+            if self.projection is not None:
+                short = self.projection(x)
+            else:
+                short = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+                if self.pad:
+                    short = nn.functional.pad(short, (0, 0, 0, 0, 0, self.pad))
             return torch.relu(out + short)
 
-    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for i, width in enumerate((16, 32, 64)):
-        for j in range(3):
-            layers.append(Block(cin, width, 2 if (i > 0 and j == 0) else 1))
+    return Block()
+
+
+def _torch_resnet(widths, blocks_per_stage, shortcut, num_classes):
+    from torch import nn
+
+    layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+              nn.ReLU()]
+    cin = widths[0]
+    for i, width in enumerate(widths):
+        for j in range(blocks_per_stage):
+            layers.append(_torch_basic_block(cin, width, 2 if (i > 0 and j == 0) else 1,
+                                             shortcut))
             cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
 
 
-def bench_torch(batch: int, steps: int, repeats: int, channels_last: bool) -> float:
+def torch_resnet20(num_classes: int = 10):
+    """PyTorch twin of ``sing_jax.nn.models.resnet20`` (option-A shortcuts, 0.27M parameters)."""
+    return _torch_resnet((16, 32, 64), 3, "pad", num_classes)
+
+
+def torch_resnet18(num_classes: int = 10, width: int = 64):
+    """PyTorch twin of ``sing_jax.nn.models.resnet18`` (CIFAR stem, projection shortcuts;
+    11.17M parameters at ``width=64``)."""
+    return _torch_resnet((width, 2 * width, 4 * width, 8 * width), 2, "projection",
+                         num_classes)
+
+
+def torch_train_step(model, batch: int, *, device: str = "cpu", optimizer: str = "sgd",
+                     channels_last: bool = False, autocast_dtype=None, image_size: int = 32):
+    """One PyTorch training step of ``model`` on a fixed random batch, as a closure.
+
+    ``model.train(); zero_grad; cross-entropy of model(x) (under ``torch.autocast`` with
+    ``autocast_dtype``, float32 master weights); backward; opt.step()`` with
+    ``optimizer`` ``"sgd"`` (lr 0.1, momentum 0.9) or ``"adamw"`` (fused on CUDA). On a
+    CUDA ``device`` the closure only queues the work: synchronise before reading a clock.
+    """
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = _torch_resnet20()
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    device = torch.device(device)
+    model = model.to(device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=5e-3,
+                                fused=device.type == "cuda")
+    else:
+        raise ValueError(f"optimizer={optimizer!r}; expected 'sgd' or 'adamw'")
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
 
     def one():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            loss = loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
         return loss
 
+    return one
+
+
+def bench_torch(batch: int, steps: int, repeats: int, channels_last: bool) -> float:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    one = torch_train_step(torch_resnet20(), batch, channels_last=channels_last)
     for _ in range(3):
         one()
     rates = []

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import math
 
 import jax.numpy as jnp
 import optax
@@ -143,3 +144,50 @@ def test_reuse_host_memory_keeps_big_blocks_in_the_heap():
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["True", "True", "True"], out
+
+
+def test_update_floor_counts_each_array_once_and_lookahead_slow_weights_two_fifths():
+    from experiments import _timing
+
+    params = tiny_tree()  # 72 + 4 float32 numbers
+    nbytes = 4 * 76
+    sgdm = optax.sgd(0.1, momentum=0.9)
+    # read params, grads, momentum; write params, momentum
+    assert _timing.update_floor_bytes(params, sgdm.init(params)) == 5 * nbytes
+    adamw = optax.adamw(1e-3)
+    count_bytes = 4  # the int32 step count, read and written
+    assert _timing.update_floor_bytes(params, adamw.init(params)) == 7 * nbytes + 2 * count_bytes
+    sing = sing_jax.sing(1e-3)
+    floor = _timing.update_floor_bytes(params, sing.init(params), lookahead_every=5)
+    # AdamW's traffic, the slow copy read and written once per 5 steps, a few scalars
+    assert 7.4 * nbytes <= floor <= 7.4 * nbytes + 64
+    # AdamS keeps one second moment per output channel of a channel-wise kernel
+    adams = sing_jax.adams(1e-3, channel_dims={"conv": {"kernel": sing_jax.ChannelDims((-1,))},
+                                               "fc": {"bias": None}})
+    assert _timing.update_floor_bytes(params, adams.init(params)) < 6 * nbytes
+    with pytest.raises(ValueError, match="pass lookahead_every"):
+        _timing.update_floor_bytes(params, sing.init(params))
+
+
+def test_pytorch_twins_of_the_train_benchmark_models_have_their_parameter_counts():
+    pytest.importorskip("torch")
+    from flax import nnx
+
+    from experiments import bench_train
+    from sing_jax.nn import models
+
+    def torch_count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    def jax_count(build, **kwargs):  # shapes only: nothing is initialised or compiled
+        return models.count_params(nnx.eval_shape(lambda: build(10, rngs=nnx.Rngs(0),
+                                                                **kwargs)))
+
+    assert torch_count(bench_train.torch_resnet20()) == 269_722 == jax_count(models.resnet20)
+    assert torch_count(bench_train.torch_resnet18()) == 11_173_962 == jax_count(models.resnet18)
+    assert torch_count(bench_train.torch_resnet18(width=4)) == jax_count(models.resnet18,
+                                                                         width=4)
+    step = bench_train.torch_train_step(bench_train.torch_resnet18(width=4), 2,
+                                        optimizer="adamw")
+    first, second = float(step().detach()), float(step().detach())
+    assert math.isfinite(first) and second != first  # it trains
