@@ -15,7 +15,7 @@ and the same numbers as JSON next to it (``report.json``):
    host's dispatch of a few hundred leaves does not hide the device time; the
    gradient is scaled by ``1 + 1e-6 i`` at step ``i`` so that no work on it can be
    hoisted out of the loop. Each time comes with its memory-traffic floor: the bytes
-   the step must read and write (``_timing.update_floor_bytes``: parameters,
+   the step must read and write (``timing.update_floor_bytes``: parameters,
    gradients and state read once, parameters and state written once, Lookahead's
    slow weights 2/5 of the time) over the device's measured copy bandwidth.
 2. **SINGD train steps** (the models of ``bench_singd.py``, batch 128): every
@@ -38,7 +38,7 @@ and the same numbers as JSON next to it (``report.json``):
    skipped with the reason otherwise).
 
 Timing everywhere: warm-up (compilation, reported separately) then the median of
-repeats, calls of ours and the baselines taking turns (``_timing``), every result
+repeats, calls of ours and the baselines taking turns (``timing``), every result
 ``block_until_ready`` (PyTorch: ``torch.cuda.synchronize``), buffers donated as the
 real train step does.
 
@@ -115,12 +115,12 @@ from sing_jax.train import (  # noqa: E402
 )
 
 if __package__:  # imported as experiments.bench_accelerator (python -m, tests)
-    from . import _timing, bench_optimizers, bench_singd, bench_train  # noqa: E402
+    from . import bench_optimizers, bench_singd, bench_train, timing  # noqa: E402
 else:  # run by path: this script's folder is first on sys.path
-    import _timing  # noqa: E402
     import bench_optimizers  # noqa: E402
     import bench_singd  # noqa: E402
     import bench_train  # noqa: E402
+    import timing  # noqa: E402
 
 SECTIONS = ("optimizers", "singd", "train")
 # cumulative share of the budget by which each part's last row must have started
@@ -389,7 +389,7 @@ def prepare_update(tx, params0, grads, plan: Plan, bandwidth: float) -> dict:
     that advances it by one call, its floor in ms per step and its compile seconds."""
     params = jax.tree.map(jnp.copy, params0)
     state = jax.jit(tx.init)(params)  # one compilation, not one per leaf shape
-    floor_ms = _timing.update_floor_bytes(params, state, LOOKAHEAD_EVERY) / bandwidth * 1e3
+    floor_ms = timing.update_floor_bytes(params, state, LOOKAHEAD_EVERY) / bandwidth * 1e3
     compiled, compile_s = _compiled_run(looped_update(tx, plan.update_steps),
                                         (params, state), (grads,))
     box = [(params, state)]
@@ -420,7 +420,7 @@ def _tree_rows(plan: Plan, budget: Budget, bandwidth: float, tree_label: str,
         params, grads = tree["params"], tree["grads"]
         ours_run = prepare_update(ours, params, grads, plan, bandwidth)
         base_run = prepare_update(base, params, grads, plan, bandwidth)
-        seconds = _timing.interleaved_medians(
+        seconds = timing.interleaved_medians(
             {"ours": ours_run["advance"], "base": base_run["advance"]}, plan.update_repeats)
         ours_ms = seconds["ours"] / plan.update_steps * 1e3
         base_ms = seconds["base"] / plan.update_steps * 1e3
@@ -516,7 +516,7 @@ def torch_singd_window(name: str, structure: str, batch: int, steps: int,
     one = bench_singd.torch_step(name, structure, 1, device=device, batch=batch)
     one()  # warm-up: allocations, cuDNN's choices
     _torch_sync(device)
-    one_s = _timing.seconds_of(lambda: (one(), _torch_sync(device)))
+    one_s = timing.seconds_of(lambda: (one(), _torch_sync(device)))
     steps = 1 if one_s > 1.0 else steps
     return torch_window(one, steps, device), steps
 
@@ -534,7 +534,7 @@ def torch_train_window(build_torch: Callable, batch: int, dtype: str, window_s: 
     for _ in range(3):  # cuDNN's algorithm search, the allocator's warm-up
         one()
     _torch_sync(device)
-    steps = _steps_for(window_s, _timing.seconds_of(lambda: (one(), _torch_sync(device))))
+    steps = _steps_for(window_s, timing.seconds_of(lambda: (one(), _torch_sync(device))))
     return torch_window(one, steps, device), steps
 
 
@@ -615,8 +615,8 @@ def _jax_train_window(build_model, tx, batch: int, dtype: str):
         box[0], metrics = step(box[0], placed)
         return metrics
 
-    compile_s = _timing.seconds_of(lambda: jax.block_until_ready(one()))
-    step_s = _timing.seconds_of(lambda: jax.block_until_ready(one()))
+    compile_s = timing.seconds_of(lambda: jax.block_until_ready(one()))
+    step_s = timing.seconds_of(lambda: jax.block_until_ready(one()))
 
     def window(steps):
         def run():
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = jax.devices()[0]
     log(f"device {device.device_kind} ({device.platform}); plan {plan.name}")
     torch_reason = torch_cuda_reason()
-    bandwidth = _timing.copy_bandwidth(plan.bandwidth_bytes)
+    bandwidth = timing.copy_bandwidth(plan.bandwidth_bytes)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     sections: dict[str, list[dict]] = {section: [] for section in SECTIONS}
     if "optimizers" in args.parts:

@@ -29,9 +29,9 @@ import sing_jax
 from sing_jax import ChannelDims
 
 if __package__:  # imported as experiments.bench_diagnostics (python -m, tests)
-    from . import _timing, xla_cpu
+    from . import timing, xla_cpu
 else:  # run by path: this script's folder is first on sys.path
-    import _timing
+    import timing
     import xla_cpu
 
 
@@ -112,14 +112,14 @@ def main():
         "adam frozen but head": sing_jax.head_only(optax.adam(lr)),
     }
     runners = {name: Runner(tx, params, grads) for name, tx in txs.items()}
-    medians = _timing.interleaved_medians({name: runner.run for name, runner in runners.items()},
+    medians = timing.interleaved_medians({name: runner.run for name, runner in runners.items()},
                                           args.repeats, warmup_rounds=0)  # warmed up
     base = medians["adam"]
     diag = medians["adam+diagnostics"]
     rows = [(name, medians[name], runners[name].state_bytes) for name in txs]
 
     # adam reads g, m, v, p and writes m, v, p: 7 float32 per parameter.
-    bandwidth = _timing.copy_bandwidth(4 * n, args.repeats)
+    bandwidth = timing.copy_bandwidth(4 * n, args.repeats)
     floor = 7 * 4 * n / bandwidth
     print(f"device: {jax.devices()[0].device_kind}; params: {n / 1e6:.2f}M "
           f"({len(jax.tree.leaves(params))} leaves); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "

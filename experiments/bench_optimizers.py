@@ -5,7 +5,7 @@ layout; a ViT-B/16's, 86.57M, with ``--tree vit-b16``), the jitted ``update`` +
 ``apply_updates`` step with donated params and state is timed for ours and the
 baseline in the same process, interleaved step by step so that machine noise hits
 both alike, and reported with the memory-traffic floor (bytes the step must read
-and write, ``_timing.update_floor_bytes``, divided by the measured copy
+and write, ``timing.update_floor_bytes``, divided by the measured copy
 bandwidth). The time of a step is the mean over the five positions of a
 Lookahead cycle of each position's median: SING's synchronising step and the
 copy of the slow weights after it are dearer than its other three, so a plain
@@ -47,9 +47,9 @@ import sing_jax
 from sing_jax import ChannelDims
 
 if __package__:  # imported as experiments.bench_optimizers (python -m, tests)
-    from . import _timing, xla_cpu
+    from . import timing, xla_cpu
 else:  # run by path: this script's folder is first on sys.path
-    import _timing
+    import timing
     import xla_cpu
 
 
@@ -173,14 +173,14 @@ def interleaved_medians(runs: dict[str, tuple[Callable, Any]], repeats: int,
 
     ``repeats`` timed calls each, a multiple of :data:`LOOKAHEAD_CYCLE`; the time
     is the mean over the cycle's positions of each position's median
-    (``_timing.interleaved_medians`` with that period).
+    (``timing.interleaved_medians`` with that period).
     """
     carries = {label: carry for label, (_, carry) in runs.items()}
 
     def advance(label, fn):
         carries[label] = jax.block_until_ready(fn(carries[label]))
 
-    seconds = _timing.interleaved_medians(
+    seconds = timing.interleaved_medians(
         {label: functools.partial(advance, label, fn) for label, (fn, _) in runs.items()},
         repeats, period=LOOKAHEAD_CYCLE)
     return {label: s * 1e3 for label, s in seconds.items()}
@@ -262,7 +262,7 @@ def main() -> None:
     n_params = sum(p.size for p in jax.tree.leaves(params0))
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-2,
                          params0)
-    bandwidth = _timing.copy_bandwidth()
+    bandwidth = timing.copy_bandwidth()
     print(f"{args.tree} parameter tree: {n_params / 1e6:.2f}M parameters, "
           f"{len(jax.tree.leaves(params0))} leaves; devices: {jax.devices()[0].platform} x"
           f"{jax.device_count()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -278,7 +278,7 @@ def main() -> None:
                                   "base": optimizer_run(base, params0, grads)},
                                  args.repeats)
         ratio = ms["ours"] / ms["base"]
-        floor_ms = _timing.update_floor_bytes(
+        floor_ms = timing.update_floor_bytes(
             params0, jax.eval_shape(ours.init, params0), LOOKAHEAD_CYCLE) / bandwidth * 1e3
         if target is not None:
             worst = max(worst, ratio / target)

@@ -53,9 +53,9 @@ from flax import nnx  # noqa: E402
 import sing_jax  # noqa: E402
 
 if __package__:  # imported as experiments.bench_singd (python -m, tests)
-    from . import _timing  # noqa: E402
+    from . import timing  # noqa: E402
 else:  # run by path: this script's folder is first on sys.path
-    import _timing  # noqa: E402
+    import timing  # noqa: E402
 
 STRUCTURES = {  # ours -> PyTorch reference name
     "dense": "dense",
@@ -125,7 +125,7 @@ def loss_fn(model, x, y):
 def seconds_per_step(windows: dict, repeats: int) -> dict:
     """Seconds per step of each ``(run_window, steps)``: one warm-up window each, then
     ``repeats`` interleaved rounds; the median window time divided by its steps."""
-    seconds = _timing.interleaved_medians({name: run_window for name, (run_window, _)
+    seconds = timing.interleaved_medians({name: run_window for name, (run_window, _)
                                            in windows.items()}, repeats)
     return {name: seconds[name] / steps for name, (_, steps) in windows.items()}
 
@@ -263,7 +263,7 @@ def layer_piece_times(name, structure, repeats=20):
         capture = captures[cfg.path]
         kernel = grad_leaves[f"{cfg.path}/kernel"]
         bias = grad_leaves.get(f"{cfg.path}/bias")
-        seconds = _timing.interleaved_medians({
+        seconds = timing.interleaved_medians({
             "curvature": blocking(transform.layer_curvature, layer, capture),
             "update": blocking(update, layer, transform.layer_curvature(layer, capture)),
             "natural gradient": blocking(transform.natural_gradient, layer, kernel, bias),
@@ -314,7 +314,7 @@ def main():
         torch.set_num_threads(max(1, len(jax.devices("cpu")) and 2))
     except ImportError:
         pass
-    bandwidth = _timing.copy_bandwidth()
+    bandwidth = timing.copy_bandwidth()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     header = (f"{'model':<5} {'structure':<15} {'T':>3} {'ours ms':>9} {'sgd ms':>8} "
@@ -335,7 +335,7 @@ def main():
                 torch_one = None if args.no_torch else torch_step(name, structure, T)
                 if torch_one is not None and T == 1:
                     # slow reference structures (PyTorch's naive Toeplitz): one step a window
-                    torch_steps = 1 if _timing.seconds_of(torch_one) > 1.0 else steps
+                    torch_steps = 1 if timing.seconds_of(torch_one) > 1.0 else steps
                     windows["torch"] = (torch_window(torch_one, torch_steps), torch_steps)
                 elif torch_one is not None:
                     # (refresh step + (T-1) skip steps) / T, skip steps timed here

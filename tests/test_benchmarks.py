@@ -63,10 +63,10 @@ def test_bench_singd_pieces_time_every_registered_layer():
 
 
 def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats():
-    from experiments import _timing
+    from experiments import timing
 
     calls = []
-    seconds = _timing.interleaved_medians({name: functools.partial(calls.append, name)
+    seconds = timing.interleaved_medians({name: functools.partial(calls.append, name)
                                            for name in "abc"},
                                           repeats=3, warmup_rounds=2)
     # two warm-up rounds in order, then rounds in shuffled orders (seeded)
@@ -75,24 +75,24 @@ def test_shared_timer_interleaves_after_its_warmup_rounds_and_rejects_no_repeats
     assert all(sorted(r) == list("abc") for r in rounds) and len(set(rounds)) > 1
     assert set(seconds) == set("abc") and all(s >= 0 for s in seconds.values())
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
-        _timing.interleaved_medians({"a": lambda: None}, repeats=0)
-    assert _timing.copy_bandwidth(2**20, repeats=2) > 0
+        timing.interleaved_medians({"a": lambda: None}, repeats=0)
+    assert timing.copy_bandwidth(2**20, repeats=2) > 0
 
 
 def test_shared_timer_averages_the_positions_of_a_periodic_call(monkeypatch):
-    from experiments import _timing
+    from experiments import timing
 
     # a step whose first and last positions of five are dearer, as SING's Lookahead
     durations = itertools.cycle([3.0, 1.0, 1.0, 1.0, 2.0])
-    monkeypatch.setattr(_timing, "seconds_of", lambda call: (call(), next(durations))[1])
-    periodic = _timing.interleaved_medians({"step": lambda: None}, repeats=10,
+    monkeypatch.setattr(timing, "seconds_of", lambda call: (call(), next(durations))[1])
+    periodic = timing.interleaved_medians({"step": lambda: None}, repeats=10,
                                            warmup_rounds=0, period=5)
     assert periodic["step"] == pytest.approx(8.0 / 5)  # the average cost
     durations = itertools.cycle([3.0, 1.0, 1.0, 1.0, 2.0])
-    plain = _timing.interleaved_medians({"step": lambda: None}, repeats=10, warmup_rounds=0)
+    plain = timing.interleaved_medians({"step": lambda: None}, repeats=10, warmup_rounds=0)
     assert plain["step"] == 1.0  # what a plain median says
     with pytest.raises(ValueError, match="period must be >= 1 and divide repeats"):
-        _timing.interleaved_medians({"step": lambda: None}, repeats=10, period=3)
+        timing.interleaved_medians({"step": lambda: None}, repeats=10, period=3)
 
 
 def test_the_cpu_flag_of_the_benchmarks_is_added_only_where_it_is_known_and_unset():
@@ -147,26 +147,26 @@ def test_reuse_host_memory_keeps_big_blocks_in_the_heap():
 
 
 def test_update_floor_counts_each_array_once_and_lookahead_slow_weights_two_fifths():
-    from experiments import _timing
+    from experiments import timing
 
     params = tiny_tree()  # 72 + 4 float32 numbers
     nbytes = 4 * 76
     sgdm = optax.sgd(0.1, momentum=0.9)
     # read params, grads, momentum; write params, momentum
-    assert _timing.update_floor_bytes(params, sgdm.init(params)) == 5 * nbytes
+    assert timing.update_floor_bytes(params, sgdm.init(params)) == 5 * nbytes
     adamw = optax.adamw(1e-3)
     count_bytes = 4  # the int32 step count, read and written
-    assert _timing.update_floor_bytes(params, adamw.init(params)) == 7 * nbytes + 2 * count_bytes
+    assert timing.update_floor_bytes(params, adamw.init(params)) == 7 * nbytes + 2 * count_bytes
     sing = sing_jax.sing(1e-3)
-    floor = _timing.update_floor_bytes(params, sing.init(params), lookahead_every=5)
+    floor = timing.update_floor_bytes(params, sing.init(params), lookahead_every=5)
     # AdamW's traffic, the slow copy read and written once per 5 steps, a few scalars
     assert 7.4 * nbytes <= floor <= 7.4 * nbytes + 64
     # AdamS keeps one second moment per output channel of a channel-wise kernel
     adams = sing_jax.adams(1e-3, channel_dims={"conv": {"kernel": sing_jax.ChannelDims((-1,))},
                                                "fc": {"bias": None}})
-    assert _timing.update_floor_bytes(params, adams.init(params)) < 6 * nbytes
+    assert timing.update_floor_bytes(params, adams.init(params)) < 6 * nbytes
     with pytest.raises(ValueError, match="pass lookahead_every"):
-        _timing.update_floor_bytes(params, sing.init(params))
+        timing.update_floor_bytes(params, sing.init(params))
 
 
 def test_pytorch_twins_of_the_train_benchmark_models_have_their_parameter_counts():

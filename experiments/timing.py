@@ -91,7 +91,7 @@ def update_floor_bytes(params: Any, opt_state: Any, lookahead_every: int | None 
     for leaf in jax.tree.leaves(opt_state, is_leaf=is_lookahead):
         if is_lookahead(leaf):
             slow_bytes += tree_bytes(leaf.slow)
-            rest += [leaf.count, leaf.sync_pending]
+            rest.append(leaf.count)
         else:
             rest.append(leaf)
     if slow_bytes and not lookahead_every:
