@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs import learnable_scaler_vit, quickstart, sing, singd, spherical
+from sing_jax._src.paths import leaf_paths
 from sing_jax.data import get_info
 from sing_jax.train import optimizers, registry
 from sing_jax.train.loop import train_and_evaluate, validate_config
@@ -17,7 +18,8 @@ TINY_ARGS = [
     (quickstart, "digits,adamw,tiny"), (quickstart, "mnist1d,singd,tiny"),
     (spherical, "cifar10,resnet20,adamsrt,tiny"), (spherical, "svhn,vgg16,sgdmrt,tiny"),
     (spherical, "cifar100,resnet18,adamg,tiny"),
-    (sing, "cifar10,resnet18,constant_cosine,tiny"), (singd, "digits,small_cnn,diagonal,tiny"),
+    (sing, "cifar10,resnet18,constant_cosine,tiny"), (sing, "imagenet,vit,freeze_ln,tiny"),
+    (singd, "digits,small_cnn,diagonal,tiny"),
     (learnable_scaler_vit, "16,192,24,learnable_scaler,tiny"),
 ]
 
@@ -45,7 +47,9 @@ def test_full_configs_follow_the_seed_protocols():
     assert spherical.get_config("svhn,resnet18,sgd").dataset.augment is False
     v = learnable_scaler_vit.get_config("32,288,36,layer")
     assert (v.optimizer.name, v.optimizer.weight_decay, v.optimizer.clip_grad_norm,
-            v.optimizer.grad_accum_steps, v.compute_dtype) == ("lamb", 0.02, 14.0, 8, "bfloat16")
+            v.optimizer.grad_accum_steps) == ("lamb", 0.02, 14.0, 8)
+    # bf16 autocast: matmuls in bf16 inside the model, everything else float32
+    assert (v.model.matmul_dtype, v.compute_dtype) == ("bfloat16", "float32")
     assert (v.model.patch_size, v.model.embed_dim, v.model.depth) == (32, 288, 36)
     for module, bad, message in [
             (spherical, "cifar100,resnet20,sgd", "ResNet-20 on cifar10 only"),
@@ -56,13 +60,48 @@ def test_full_configs_follow_the_seed_protocols():
             module.get_config(bad)
 
 
+def test_sing_configs_name_their_model_augmentation_and_the_seed_values():
+    c = sing.get_config("imagenet,resnet18")
+    assert (c.model.variant, c.dataset.rand_augment, c.dataset.mix) == ("imagenet", False, False)
+    model = nnx.eval_shape(lambda: registry.build_model(
+        "resnet18", 1000, (224, 224, 3), {"variant": c.model.variant}, 0))
+    assert model.stem.conv.kernel.shape == (7, 7, 3, 64)  # ImageNet stem (+ max-pool)
+    v = sing.get_config("imagenet,vit")
+    assert (v.dataset.rand_augment, v.dataset.mix, v.model.init) == (True, True, "timm")
+    assert "variant" not in sing.get_config("cifar10,resnet18").model
+    for arg in ("cifar10,resnet18", "cifar100,vgg16", "imagenet,resnet18", "imagenet,vit"):
+        o = sing.get_config(arg).optimizer
+        assert (o.learning_rate, o.weight_decay) == (1e-1, 5e-3)  # seed 000's stated pair
+        assert "freeze" not in o
+    # freeze_ln: exactly the LayerNorms' scale and bias are frozen
+    f = sing.get_config("imagenet,vit,freeze_ln,tiny")
+    model = nnx.eval_shape(lambda: registry.build_model(
+        "vit", 10, (8, 8, 1), {k: w for k, w in f.model.to_dict().items() if k != "name"}, 0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    frozen = optimizers.frozen_mask(f.optimizer.freeze, params)
+    names = [path for path, flag in zip(leaf_paths(params), jax.tree.leaves(frozen)) if flag]
+    assert names == [f"blocks/{i}/{n}/{p}" for i in (0, 1) for n in ("norm1", "norm2")
+                     for p in ("bias", "scale")] + ["norm/bias", "norm/scale"]
+    for bad, message in [("cifar10,resnet18,freeze_ln", "has no LayerNorm"),
+                         ("imagenet,vgg16", "not a imagenet model"),
+                         ("cifar10,vit", "not a cifar10 model")]:
+        with pytest.raises(ValueError, match=message):
+            sing.get_config(bad)
+
+
 @pytest.mark.slow
 def test_vit_recipe_tiny_trains(tmp_path):
-    # LAMB, clipping, accumulation, the custom schedule and both auxiliary losses.
-    summary = train_and_evaluate(learnable_scaler_vit.get_config("16,192,24,learnable_scaler,tiny"),
-                                 str(tmp_path), quiet=True)
+    # LAMB, clipping, accumulation, the custom schedule and both auxiliary losses; an
+    # extra test set (here the same digits test split) evaluated every epoch.
+    config = learnable_scaler_vit.get_config("16,192,24,learnable_scaler,tiny")
+    config.dataset.extra_test = ("digits",)
+    summary = train_and_evaluate(config, str(tmp_path), quiet=True)
     assert summary.steps == 1365 // 64
     assert summary.final_test_accuracy > 0.1
+    assert summary.extra_test_accuracy == {"digits": summary.final_test_accuracy}
+    assert summary.extra_test_accuracy_at_best == {"digits": summary.best_test_accuracy}
+    assert (summary.best_test_epoch, summary.best_test_accuracy) == (
+        1, summary.final_test_accuracy)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -11,19 +12,47 @@ import optax
 
 from sing_jax._src import channels
 from sing_jax._src.channels import ChannelDims, ChannelDimsSpec
+from sing_jax._src.paths import path_str
+
+# Leaves that Flax stores in PyTorch's layout (they are not conv/linear kernels):
+# token and position embeddings, and nnx.Embed's (num_embeddings, features) table.
+SAME_LAYOUT_NAMES = ("cls_token", "pos_embed", "pos_embedding", "dist_token", "reg_token",
+                     "mask_token", "embedding")
 
 
-def output_channel_dims(params: Any, min_ndim: int = 2) -> Any:
-    """Spec with ``ChannelDims((-1,))`` on every leaf of ``ndim >= min_ndim``, else None.
+def output_channel_dims(params: Any, min_ndim: int = 2, *,
+                        same_layout_names: Sequence[str] = SAME_LAYOUT_NAMES) -> Any:
+    """SING's centralisation spec: the reference's output-channel axis of every leaf.
 
-    In Flax layouts (``(in, out)`` dense and ``(kH, kW, C_in, C_out)`` conv kernels)
-    the last axis is the output channel, so this makes every kernel a product of
-    per-output-channel spheres and leaves biases and norm parameters Euclidean.
+    The reference (PyTorch) keeps axis 0 of every leaf with ``ndim > 1`` and
+    reduces over the others. For conv/linear kernels axis 0 is the output
+    channel, which Flax stores last (``(in, out)`` dense and ``(kH, kW, C_in,
+    C_out)`` conv kernels): those leaves get ``ChannelDims((-1,))``. Leaves whose
+    name (the last part of the path) is in ``same_layout_names`` are stored as in
+    PyTorch, so they keep axis 0 as the reference does: for a ViT's ``cls_token``
+    ``(1, 1, D)`` and ``pos_embed`` ``(1, N, D)`` that subtracts the global mean
+    (keeping their last axis would subtract each element from itself, and the leaf
+    would never train). Such a leaf whose axis-0 groups hold one element is left
+    uncentred (``None``) rather than zeroed. Leaves with ``ndim < min_ndim`` get
+    ``None`` (biases and norm parameters stay Euclidean).
+
+    A kernel with one input (``(1, out)`` dense, ``(1, 1, 1, out)`` conv) is still
+    zeroed, as in the reference and spec section 1; give it ``None`` to train it.
+
     Usable directly as ``channel_dims=sing_jax.output_channel_dims``.
     """
     channels.refuse_step_count("output_channel_dims", params)
-    return jax.tree.map(lambda p: ChannelDims((-1,)) if jnp.ndim(p) >= min_ndim else None,
-                        params, is_leaf=channels.is_variable)
+    same_layout = frozenset(same_layout_names)
+
+    def pick(path, leaf):
+        shape = jnp.shape(leaf.get_value() if channels.is_variable(leaf) else leaf)
+        if len(shape) < min_ndim:
+            return None
+        if path_str(path).rsplit("/", 1)[-1] in same_layout:
+            return ChannelDims((0,)) if math.prod(shape[1:]) > 1 else None
+        return ChannelDims((-1,))
+
+    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=channels.is_variable)
 
 
 def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
@@ -55,10 +84,12 @@ def centralize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
       g \leftarrow g - \operatorname{mean}_{G}(g)
 
     where the mean is taken over the group axes ``G`` of each leaf, i.e. every axis
-    except its channel axes. The default spec keeps the last (output-channel) axis
-    of leaves with ``ndim > 1`` and leaves 1-D leaves untouched, as SING does. A
-    kernel with one input (shape ``(1, out)``) is thereby zeroed, as in the
-    reference; give it a ``None`` spec to train it.
+    except its channel axes. The default spec, :func:`output_channel_dims`, keeps
+    the reference's axis: the last (output-channel) axis of kernels, axis 0 of
+    embeddings stored as in PyTorch (``cls_token``, ``pos_embed``: the global
+    mean), and leaves 1-D leaves untouched, as SING does. A kernel with one input
+    (shape ``(1, out)``) is thereby zeroed, as in the reference; give it a
+    ``None`` spec to train it.
 
     Args:
       channel_dims: a spec tree (leaves ``ChannelDims`` or ``None`` = untouched), a

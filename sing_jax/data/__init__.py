@@ -15,6 +15,7 @@ Importing this package registers the embedded TFDS builders ``digits`` and
 from sing_jax.data import augment, builders
 from sing_jax.data.pipeline import (
     DATASETS,
+    PREPROCESSING_KEYS,
     SPLITS,
     DatasetInfo,
     Datasets,
@@ -26,12 +27,14 @@ from sing_jax.data.pipeline import (
     get_pipeline,
     make_dataset,
     prefetch_to_device,
+    spec_with,
     train_batch_indices,
 )
 from sing_jax.data.prepare import prepare, tensorflow_free_build
 
 __all__ = [
     "DATASETS",
+    "PREPROCESSING_KEYS",
     "SPLITS",
     "DatasetInfo",
     "DatasetSpec",
@@ -46,6 +49,7 @@ __all__ = [
     "make_dataset",
     "prefetch_to_device",
     "prepare",
+    "spec_with",
     "tensorflow_free_build",
     "train_batch_indices",
 ]

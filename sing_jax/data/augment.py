@@ -9,7 +9,8 @@ Host side (NumPy / PIL, run inside the grain pipeline, seeded per batch):
 * :func:`normalize` - ``(x / 255 - mean) / std`` per channel.
 * :func:`random_resized_crop`, :func:`resize_center_crop` - the Inception-style
   ImageNet train crop (scale ``(0.08, 1)``, ratio ``(3/4, 4/3)``) and the eval
-  resize-256 / centre-crop-224, with PIL's resampling.
+  resize / centre crop (256 / 224 bilinear by default; timm's ViTs: 248 / 224
+  bicubic, ``crop_pct`` 0.9), with PIL's resampling.
 * :func:`rand_augment` - RandAugment as timm's ``rand-m7-mstd0.5`` computes it
   (2 ops drawn uniformly with replacement from 15, each applied with probability
   1/2, magnitude ``N(7, 0.5)`` clipped to ``[0, 10]``), on PIL images.
@@ -39,6 +40,10 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's IMAGENET_INCEPTION_MEAN/STD, the normalisation of its ViTs (seed 004)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 # ----------------------------------------------------------------------------- host: CIFAR
@@ -153,17 +158,34 @@ def random_resized_crop(
     return np.asarray(crop.resize((size, size), _pil().BILINEAR))
 
 
-def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """Resize the shorter side to ``resize`` (bilinear), then take the centred ``crop``."""
+def eval_resize_size(crop: int, crop_pct: float) -> int:
+    """timm's eval resize: ``floor(crop / crop_pct)`` (224 -> 256 at 0.875, 248 at 0.9)."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"eval crop_pct={crop_pct!r}; expected 0 < crop_pct <= 1")
+    return math.floor(crop / crop_pct)
+
+
+def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224,
+                       interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the shorter side to ``resize`` (PIL ``interpolation``), then centre-crop ``crop``."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"resize_center_crop: interpolation={interpolation!r}; expected one "
+                         f"of {INTERPOLATIONS}")
     height, width = image.shape[:2]
     factor = resize / min(height, width)
     new_h, new_w = max(crop, round(height * factor)), max(crop, round(width * factor))
-    resized = np.asarray(_pil().fromarray(image).resize((new_w, new_h), _pil().BILINEAR))
+    resample = getattr(_pil(), interpolation.upper())
+    resized = np.asarray(_pil().fromarray(image).resize((new_w, new_h), resample))
     top, left = (new_h - crop) // 2, (new_w - crop) // 2
     return resized[top : top + crop, left : left + crop]
 
 
-_FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+def fill_colour(mean: Sequence[float]) -> tuple[int, ...]:
+    """timm's RandAugment fill: the normalisation mean in 0..255 (``round(255 m)``)."""
+    return tuple(min(255, int(round(255 * m))) for m in mean)
+
+
+_FILL = fill_colour(IMAGENET_MEAN)
 RAND_AUGMENT_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
     "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
@@ -171,7 +193,8 @@ RAND_AUGMENT_OPS = (
 )  # fmt: skip
 
 
-def _apply_rand_augment_op(img, name: str, level: float, rng: np.random.Generator):
+def _apply_rand_augment_op(img, name: str, level: float, rng: np.random.Generator,
+                           fill: tuple[int, ...] = _FILL):
     """One RandAugment op at ``level`` in [0, 10], with timm's level-to-argument maps."""
     from PIL import Image, ImageEnhance, ImageOps
 
@@ -184,7 +207,7 @@ def _apply_rand_augment_op(img, name: str, level: float, rng: np.random.Generato
     if name == "Invert":
         return ImageOps.invert(img)
     if name == "Rotate":
-        return img.rotate(sign * 30.0 * frac, resample=Image.BILINEAR, fillcolor=_FILL)
+        return img.rotate(sign * 30.0 * frac, resample=Image.BILINEAR, fillcolor=fill)
     if name == "Posterize":
         bits = int(4 * frac)  # keep 0..4 most significant bits
         return img if bits >= 8 else ImageOps.posterize(img, bits)
@@ -204,14 +227,14 @@ def _apply_rand_augment_op(img, name: str, level: float, rng: np.random.Generato
     if name in ("ShearX", "ShearY"):
         s = sign * 0.3 * frac
         coeffs = (1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0)
-        return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=_FILL)
+        return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=fill)
     if name in ("TranslateXRel", "TranslateYRel"):
         w, h = img.size
         if name == "TranslateXRel":
             coeffs = (1, 0, sign * 0.45 * frac * w, 0, 1, 0)
         else:
             coeffs = (1, 0, 0, 0, 1, sign * 0.45 * frac * h)
-        return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=_FILL)
+        return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=fill)
     raise ValueError(f"unknown RandAugment op {name!r}; expected one of {RAND_AUGMENT_OPS}")
 
 
@@ -222,13 +245,14 @@ def rand_augment(
     magnitude: float = 7.0,
     magnitude_std: float = 0.5,
     prob: float = 0.5,
+    fill: tuple[int, ...] = _FILL,
 ) -> np.ndarray:
     """RandAugment (timm ``rand-m{magnitude}-mstd{magnitude_std}``) on one uint8 RGB image.
 
     ``num_ops`` ops are drawn uniformly with replacement from
     :data:`RAND_AUGMENT_OPS`; each is applied with probability ``prob`` at level
-    ``clip(N(magnitude, magnitude_std), 0, 10)``. Geometric ops fill with the
-    ImageNet mean colour.
+    ``clip(N(magnitude, magnitude_std), 0, 10)``. Geometric ops fill with ``fill``
+    (timm: the normalisation mean, :func:`fill_colour`; default ImageNet's).
     """
     img = _pil().fromarray(image)
     for name in rng.choice(RAND_AUGMENT_OPS, size=num_ops, replace=True):
@@ -237,7 +261,8 @@ def rand_augment(
         level = magnitude
         if magnitude_std > 0:
             level += magnitude_std * rng.standard_normal()
-        img = _apply_rand_augment_op(img, str(name), float(np.clip(level, 0.0, 10.0)), rng)
+        img = _apply_rand_augment_op(img, str(name), float(np.clip(level, 0.0, 10.0)), rng,
+                                     fill)
     return np.asarray(img)
 
 

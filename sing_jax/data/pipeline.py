@@ -57,13 +57,16 @@ class DatasetSpec:
       image_shape: shape of one preprocessed ``image``.
       preprocess: ``'scale'`` (``image * scale``), ``'cifar'`` (crop/flip on
         train, mean/std), ``'imagenet'`` (random-resized crop, flip, RandAugment on
-        train; resize 256 / centre-crop 224 on eval; mean/std).
+        train; resize ``floor(224 / eval_crop_pct)`` / centre-crop 224 on eval; mean/std).
       validation_fraction: share of the train split held out as ``'validation'``.
       scale: factor of the ``'scale'`` preprocessing.
       mean, std: per-channel constants of the ``'cifar'``/``'imagenet'`` normalisation.
       prepare_hint: how to build the data when it is missing.
       mixup_alpha, cutmix_alpha, label_smoothing: the recipe's on-device mixing
         (:func:`sing_jax.data.augment.mix_batch`); all 0 where the recipe has none.
+      rand_augment: ``'imagenet'`` train images get RandAugment (m7, mstd 0.5).
+      eval_crop_pct, eval_interpolation: ``'imagenet'`` eval resize (the crop over
+        ``eval_crop_pct``) and its PIL resampling.
     """
 
     tfds_name: str
@@ -80,6 +83,9 @@ class DatasetSpec:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
+    rand_augment: bool = True
+    eval_crop_pct: float = 0.875
+    eval_interpolation: str = "bilinear"
 
 
 _CIFAR_HINT = (
@@ -117,7 +123,18 @@ DATASETS: dict[str, DatasetSpec] = {
                                     "manual_dir='MANUAL') (or `tfds build imagenet2012 "
                                     "--manual_dir=MANUAL --data_dir=DATA_DIR "
                                     "--file_format=array_record` with TensorFlow)")),
+    # ImageNet-V2 (matched-frequency): 10,000 test images in ImageNet's 1000 classes,
+    # for evaluation only (its one split stands in for the train split too).
+    "imagenet_v2": DatasetSpec("imagenet_v2", "test", "test", 1000, (224, 224, 3), "imagenet",
+                               validation_fraction=0.0, mean=augment.IMAGENET_MEAN,
+                               std=augment.IMAGENET_STD,
+                               prepare_hint=(
+                                   "run `tfds build imagenet_v2 --file_format=array_record "
+                                   "--data_dir=DATA_DIR` (needs TensorFlow and network)")),
 }  # fmt: skip
+# DatasetSpec fields a caller may override per run (get_pipeline's ``preprocessing``)
+PREPROCESSING_KEYS = ("mean", "std", "rand_augment", "eval_crop_pct", "eval_interpolation",
+                      "mixup_alpha", "cutmix_alpha", "label_smoothing")
 
 SPLITS = ("train", "validation", "test")
 
@@ -141,6 +158,30 @@ def _spec(name: str) -> DatasetSpec:
     if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names are {sorted(DATASETS)}")
     return DATASETS[name]
+
+
+def spec_with(name: str, preprocessing: Mapping[str, Any] | None = None) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``name`` with the ``preprocessing`` fields replaced."""
+    spec = _spec(name)
+    overrides = dict(preprocessing or {})
+    unknown = sorted(set(overrides) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise ValueError(f"preprocessing: unknown key(s) {unknown} for dataset {name!r}; "
+                         f"allowed: {list(PREPROCESSING_KEYS)}")
+    for key in ("mean", "std"):
+        if key in overrides:
+            overrides[key] = tuple(float(v) for v in overrides[key])
+            if len(overrides[key]) != spec.image_shape[-1]:
+                raise ValueError(f"preprocessing: {key}={overrides[key]} has "
+                                 f"{len(overrides[key])} values; {name!r} images have "
+                                 f"{spec.image_shape[-1]} channels")
+    if "eval_crop_pct" in overrides:
+        augment.eval_resize_size(spec.image_shape[0], overrides["eval_crop_pct"])
+    if overrides.get("eval_interpolation", "bilinear") not in augment.INTERPOLATIONS:
+        raise ValueError(f"preprocessing: eval_interpolation="
+                         f"{overrides['eval_interpolation']!r}; expected one of "
+                         f"{augment.INTERPOLATIONS}")
+    return dataclasses.replace(spec, **overrides)
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
@@ -289,10 +330,14 @@ def _preprocess_batch(
                 image = augment.random_resized_crop(image, rng, size=spec.image_shape[0])
                 if rng.random() < 0.5:
                     image = image[:, ::-1]
-                image = augment.rand_augment(np.ascontiguousarray(image), rng)
+                if spec.rand_augment:
+                    image = augment.rand_augment(np.ascontiguousarray(image), rng,
+                                                 fill=augment.fill_colour(spec.mean))
             else:
-                image = augment.resize_center_crop(image, round(spec.image_shape[0] / 0.875),
-                                                   spec.image_shape[0])
+                size = spec.image_shape[0]
+                image = augment.resize_center_crop(
+                    image, augment.eval_resize_size(size, spec.eval_crop_pct), size,
+                    spec.eval_interpolation)
             out[i] = image
         return augment.normalize(out, spec.mean, spec.std)
     images = np.stack([np.asarray(ex["image"]) for ex in examples])
@@ -411,6 +456,7 @@ def get_pipeline(
     num_threads: int = 2,
     prefetch_batches: int = 4,
     worker_count: int = 0,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> Pipeline:
     """A grain pipeline over one split of ``name``, split over processes and devices.
 
@@ -436,10 +482,13 @@ def get_pipeline(
         threads; 0 keeps everything in this process. Workers bypass the GIL for
         heavy decoding/augmentation (ImageNet); the iterator state stays
         checkpointable, and the batches are the same for any count.
+      preprocessing: overrides of the dataset's :class:`DatasetSpec` fields in
+        :data:`PREPROCESSING_KEYS` (e.g. ``mean``/``std``, ``rand_augment``,
+        ``eval_crop_pct``); ``info.spec`` is the spec in use.
     """
     import grain
 
-    spec = _spec(name)
+    spec = spec_with(name, preprocessing)
     if process_index is None or process_count is None or num_local_devices is None:
         import jax
 
@@ -453,7 +502,7 @@ def get_pipeline(
     train = (split == "train") if train is None else train
     sources = _sources(name, _resolve_data_dir(data_dir))
     source, indices = _split_source(name, split, sources, validation_fraction)
-    info = _info(name, sources, validation_fraction)
+    info = dataclasses.replace(_info(name, sources, validation_fraction), spec=spec)
     n = len(indices)
     if n == 0:
         raise ValueError(

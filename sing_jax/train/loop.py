@@ -5,7 +5,8 @@ and the optimizer (:mod:`sing_jax.train.optimizers`), claims the workdir, restor
 the latest checkpoint if there is one (an exact resume: parameters, optimizer and
 BatchNorm state, RNG, data-iterator position and the epoch's running metrics),
 then trains with the data-parallel step, evaluating on the validation and test
-splits after each epoch. See :func:`default_config` for every key.
+splits (and any ``config.dataset.extra_test`` sets, e.g. ImageNet-V2) after each
+epoch. See :func:`default_config` for every key.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def default_config() -> ml_collections.ConfigDict:
         validation_fraction=-1.0,    # < 0 = the dataset's default hold-out
         augment=True,
         mix=True,                    # the dataset recipe's mixup/cutmix, where it has one
+        rand_augment=True,           # the recipe's RandAugment, where it has one (ImageNet)
+        mean=(),                     # () = the dataset's normalisation mean ...
+        std=(),                      # ... and std (e.g. (0.5, 0.5, 0.5) for timm's ViTs)
+        eval_crop_pct=0.0,           # 0 = the dataset's eval resize (ImageNet: 224/0.875)
+        eval_interpolation="",       # '' = the dataset's eval resampling (ImageNet: bilinear)
+        extra_test=(),               # more test sets evaluated each epoch, e.g. ('imagenet_v2',)
     ))
     c.model = ml_collections.ConfigDict(dict(name="small_cnn"))  # + the model's kwargs
     c.optimizer = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3))
@@ -130,9 +137,32 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
     return merged
 
 
+def preprocessing_overrides(dataset_cfg: Any) -> dict[str, Any]:
+    """``config.dataset``'s overrides of the dataset's preprocessing (empty = the dataset's own)."""
+    out: dict[str, Any] = {}
+    if dataset_cfg.get("mean"):
+        out["mean"] = tuple(dataset_cfg.mean)
+    if dataset_cfg.get("std"):
+        out["std"] = tuple(dataset_cfg.std)
+    if dataset_cfg.get("eval_crop_pct"):
+        out["eval_crop_pct"] = float(dataset_cfg.eval_crop_pct)
+    if dataset_cfg.get("eval_interpolation"):
+        out["eval_interpolation"] = dataset_cfg.eval_interpolation
+    if not dataset_cfg.get("rand_augment", True):
+        out["rand_augment"] = False
+    return out
+
+
 @dataclasses.dataclass
 class RunSummary:
-    """What a run reports at the end (also the last ``'summary'`` record of the JSONL)."""
+    """What a run reports at the end (also the last ``'summary'`` record of the JSONL).
+
+    ``best_test_*`` is the best test accuracy over the epochs (timm's "best metric"
+    when the test split is the benchmark's evaluation set, as ImageNet's);
+    ``extra_test_accuracy`` holds the ``config.dataset.extra_test`` sets' accuracy
+    at the last epoch, ``extra_test_accuracy_at_best`` at the best epoch (by
+    validation accuracy where there is a validation split, else by test accuracy).
+    """
 
     steps: int
     epochs: int
@@ -145,6 +175,10 @@ class RunSummary:
     compile_time_s: float
     num_params: int
     resumed_from_step: int | None
+    best_test_epoch: int | None = None
+    best_test_accuracy: float | None = None
+    extra_test_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    extra_test_accuracy_at_best: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +228,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     config = validate_config(config)
     # Names and keys first: a typo fails before any data or model is built.
     registry.resolve_dataset(config.dataset.name)
+    extra_test_names = [registry.resolve_dataset(n) for n in config.dataset.extra_test]
+    preprocessing = preprocessing_overrides(config.dataset)
     if config.model.name not in registry.model_names():
         raise ValueError(f"unknown model {config.model.name!r}; valid names: "
                          f"{registry.model_names()}")
@@ -222,7 +258,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     data_kwargs = dict(num_local_devices=num_local,
                        data_dir=config.dataset.data_dir or None,
                        validation_fraction=(None if config.dataset.validation_fraction < 0
-                                            else config.dataset.validation_fraction))
+                                            else config.dataset.validation_fraction),
+                       preprocessing=preprocessing)
     train_pipe = sdata.get_pipeline(dataset, "train", config.batch_size, seed=config.seed,
                                     augment=config.dataset.augment, **data_kwargs)
     info = train_pipe.info
@@ -230,6 +267,14 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                      **data_kwargs)
                   if info.num_examples["validation"] > 0 else None)
     test_pipe = sdata.get_pipeline(dataset, "test", config.eval_batch_size, **data_kwargs)
+    extra_test_pipes = {}
+    for label, name in zip(config.dataset.extra_test, extra_test_names):
+        pipe = sdata.get_pipeline(name, "test", config.eval_batch_size, **data_kwargs)
+        if pipe.info.num_classes != info.num_classes:
+            raise ValueError(f"config.dataset.extra_test: {label!r} has "
+                             f"{pipe.info.num_classes} classes, {dataset!r} has "
+                             f"{info.num_classes}; an extra test set must share the labels")
+        extra_test_pipes[label] = pipe
     steps_per_epoch = train_pipe.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
 
@@ -281,7 +326,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
-    spec = sdata.DATASETS[dataset]
+    spec = sdata.spec_with(dataset, preprocessing)
     mixing = None
     if config.dataset.mix and config.dataset.augment and (spec.mixup_alpha or spec.cutmix_alpha):
         mixing = (info.num_classes, spec.mixup_alpha, spec.cutmix_alpha, spec.label_smoothing)
@@ -362,6 +407,10 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                 record.update(valid_loss=valid["loss"], valid_accuracy=valid["accuracy"])
             test = _evaluate(eval_step, state, test_pipe)
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            for label, pipe in extra_test_pipes.items():
+                extra = _evaluate(eval_step, state, pipe)
+                record.update({f"{label}_loss": extra["loss"],
+                               f"{label}_accuracy": extra["accuracy"]})
             if epoch_steps:
                 record["step_time_s"] = elapsed / epoch_steps
                 record["images_per_s"] = config.batch_size * epoch_steps / elapsed
@@ -384,6 +433,15 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     scored = [r for r in epoch_records if "valid_accuracy" in r]
     if scored:
         best = max(scored, key=lambda r: (r["valid_accuracy"], -r["epoch"]))
+    best_test = (max(epoch_records, key=lambda r: (r["test_accuracy"], -r["epoch"]))
+                 if epoch_records else None)
+    at_best = best or best_test
+
+    def extras(record):
+        if record is None:
+            return {}
+        return {label: record[f"{label}_accuracy"] for label in config.dataset.extra_test
+                if f"{label}_accuracy" in record}
     # Timings from the epoch records, so a resumed (or already finished) run reports them too.
     timed = [(r["step_time_s"], r.get("timed_steps", 1)) for r in epoch_records
              if "step_time_s" in r]
@@ -400,7 +458,11 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
         step_time_s=step_time,
         images_per_s=config.batch_size / step_time if timed_steps else float("nan"),
         compile_time_s=compile_time, num_params=num_params(state),
-        resumed_from_step=resumed_from)
+        resumed_from_step=resumed_from,
+        best_test_epoch=best_test["epoch"] if best_test else None,
+        best_test_accuracy=best_test["test_accuracy"] if best_test else None,
+        extra_test_accuracy=extras(epoch_records[-1] if epoch_records else None),
+        extra_test_accuracy_at_best=extras(at_best))
     if is_main:
         log_lib.MetricsLogger(workdir, tensorboard=False).write(step, "summary",
                                                                 summary.as_dict())

@@ -31,7 +31,8 @@ import jax
 import optax
 
 import sing_jax
-from sing_jax._src.channels import ChannelDims, channel_dims_from_rules, leaf_paths
+from sing_jax._src.channels import ChannelDims, channel_dims_from_rules
+from sing_jax._src.paths import leaf_paths
 
 
 def _adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -54,11 +55,58 @@ def _sgd(learning_rate, momentum: float = 0.9, nesterov: bool = False,
                        optax.sgd(learning_rate, momentum or None, nesterov))
 
 
+# timm's param_groups_weight_decay: no decay for 1-D leaves, '.bias' and the model's
+# no_weight_decay() names (a ViT's pos_embed, cls_token, dist_token).
+LAMB_NO_DECAY = ("bias", "pos_embed", "cls_token", "dist_token")
+
+
+def lamb_decay_mask(params: Any, no_decay: Sequence[str] = LAMB_NO_DECAY) -> Any:
+    """True for the leaves in timm's decayed group: ``ndim > 1`` and not named in ``no_decay``.
+
+    A leaf's name is the last part of its path (``blocks/0/attn/qkv/bias`` -> ``bias``).
+    """
+    names = [path.rsplit("/", 1)[-1] for path in leaf_paths(params)]
+    flags = [jax.numpy.ndim(leaf) > 1 and name not in no_decay
+             for name, leaf in zip(names, jax.tree.leaves(params))]
+    return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
 def _lamb(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-          weight_decay: float = 0.0):
-    """LAMB, weight decay on leaves with ``ndim > 1``."""
-    return optax.lamb(learning_rate, b1, b2, eps, weight_decay=weight_decay,
-                      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+          weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+          no_decay: Sequence[str] = LAMB_NO_DECAY, always_adapt: bool = False):
+    r"""LAMB as timm's ``Lamb`` with timm's two parameter groups (seed 004's optimizer).
+
+    .. math::
+      g \leftarrow g / \max(1, \lVert g \rVert / c), \quad
+      u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda p, \quad
+      p \leftarrow p - \eta\, \frac{\lVert p \rVert}{\lVert u \rVert}\, u
+
+    with Adam's bias-corrected moments, ``c = max_grad_norm`` (timm's own global
+    clip over every leaf, after any ``clip_grad_norm`` of the config). Weight decay
+    ``lambda`` and the trust ratio (1 where either norm is 0) apply only to the
+    decayed group (:func:`lamb_decay_mask`); the other leaves (biases, norms'
+    affine parameters, LearnableScaler's ``a``/``b``, ``pos_embed``, ``cls_token``)
+    take the plain Adam step ``p - eta u``. As in timm, ``weight_decay=0`` leaves a
+    single undecayed group, so no leaf gets the trust ratio, and ``always_adapt``
+    gives every leaf the trust ratio.
+    """
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"lamb: weight_decay={weight_decay!r}; expected a float >= 0 "
+                         "(timm groups the leaves by whether it is 0).")
+    parts = [optax.clip_by_global_norm(float(max_grad_norm))] if max_grad_norm else []
+    parts.append(optax.scale_by_adam(b1, b2, eps))
+    if weight_decay:
+        decayed = optax.chain(optax.add_decayed_weights(weight_decay),
+                              optax.scale_by_trust_ratio())
+        parts.append(optax.masked(decayed, lambda p: lamb_decay_mask(p, no_decay)))
+        if always_adapt:
+            parts.append(optax.masked(
+                optax.scale_by_trust_ratio(),
+                lambda p: jax.tree.map(lambda d: not d, lamb_decay_mask(p, no_decay))))
+    elif always_adapt:
+        parts.append(optax.scale_by_trust_ratio())
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
 
 
 # name -> (constructor, takes channel_dims)

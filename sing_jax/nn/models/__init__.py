@@ -13,6 +13,8 @@ from sing_jax.nn.models.vit import (
     attention_extra_term,
     feature_decay_term,
     learnable_scaler_aux_loss,
+    reference_aux_loss_weights,
+    timm_trunc_normal,
     vit,
 )
 
@@ -31,8 +33,10 @@ __all__ = [
     "count_params",
     "feature_decay_term",
     "learnable_scaler_aux_loss",
+    "reference_aux_loss_weights",
     "resnet18",
     "resnet20",
+    "timm_trunc_normal",
     "vgg16",
     "vit",
 ]

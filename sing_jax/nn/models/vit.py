@@ -8,6 +8,23 @@ token and learned position embeddings; ``norm="layer"`` (default) or
 ViT-Ti/16 (embed 192, depth 12, 3 heads, 224x224, 1000 classes) has 5,717,416
 parameters, as timm's ``vit_tiny_patch16_224``.
 
+``init="timm"`` is the reference initialisation of seed 004's runs (timm's
+``init_weights_vit_timm``): every Linear kernel, the head's included, from
+``N(0, 0.02^2)`` truncated to ``[-2, 2]`` (timm's bounds are absolute, about 100
+standard deviations, so they never bind), Linear biases 0, the patch-embedding
+conv with PyTorch's default ``U(+-1/sqrt(fan_in))`` for kernel and bias,
+``cls_token ~ N(0, 1e-12)`` (std 1e-6) and ``pos_embed`` like the Linear kernels.
+``init="default"`` keeps seed 003's table (Glorot/He normal by activation) and
+``N(0, 0.02^2)`` embeddings. At depth 24 with LearnableScaler (``a ~ N(0, 1)``)
+the default init compounds into a residual stream of RMS ~1e6 at initialisation;
+the reference init keeps it O(1).
+
+``matmul_dtype=jnp.bfloat16`` is PyTorch bf16 autocast: the matmuls (patch conv,
+``qkv``, attention, ``proj``, MLP, head) run in bfloat16 while the residual
+stream, the norms' (LayerNorm/LearnableScaler) affine maps, the softmax and the
+loss stay in the parameters' float32. ``dtype`` instead puts every activation in
+that dtype.
+
 Auxiliary losses of the seed 004 training recipe (spec section 7), returned
 with ``model(x, return_aux=True) -> (logits, aux)`` and not computed otherwise:
 
@@ -20,11 +37,16 @@ with ``model(x, return_aux=True) -> (logits, aux)`` and not computed otherwise:
   the rows with ``m < attn_max_threshold`` (0.5), ``1 - mean(m)`` (0 when none),
   summed over those blocks.
 
-:func:`learnable_scaler_aux_loss` scales and adds them (0.1 and 0.03 in the recipe).
+:func:`learnable_scaler_aux_loss` scales and adds them with the *effective* weights
+of the published command, 0.01 and 0.003: the reference multiplies the summed
+terms by ``--train-feature-decay`` (0.1) and ``--attn-extra-loss`` (0.03) inside
+the blocks and the blocks' total by ``--train-feature-decay`` again (spec section
+7); :func:`reference_aux_loss_weights` turns the command's flags into these weights.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -35,10 +57,49 @@ from sing_jax.nn.init import init_for_activation
 from sing_jax.nn.models._common import check_input_channels, check_positive_int, head
 from sing_jax.nn.norms import NormLike, check_norm_name, make_norm
 
+VIT_INITS = ("default", "timm")
+Initializer = Any
+
+
+def timm_trunc_normal(std: float = 0.02) -> Initializer:
+    r"""timm's ``trunc_normal_(std=std)``: ``N(0, std^2)`` limited to ``[-2, 2]``.
+
+    timm's bounds ``a=-2, b=2`` are absolute, not in units of ``std``: at
+    ``std = 0.02`` they sit 100 standard deviations out and never bind, so this
+    is a normal draw clipped to ``[-2, 2]`` (``jax.nn.initializers.truncated_normal``
+    would truncate at 2 standard deviations and shrink the spread by 12%).
+    """
+
+    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        return _clipped_normal(key, std, tuple(shape), jnp.dtype(dtype))
+
+    return init
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one compile per shape, not per op
+def _clipped_normal(key: jax.Array, std: float, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    draw = jax.random.normal(key, shape, jnp.float32) * std
+    return jnp.clip(draw, -2.0, 2.0).astype(dtype)
+
+
+def _pytorch_default_bias(fan_in: int) -> Initializer:
+    r"""PyTorch's default Linear/Conv bias: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+# PyTorch's default kernel init kaiming_uniform(a=sqrt(5)) is U(+-1/sqrt(fan_in)), i.e.
+# variance 1/(3 fan_in): variance_scaling(1/3, fan_in, uniform) with Flax's fans.
+_PYTORCH_DEFAULT_KERNEL = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
 
 def feature_decay_term(h: jax.Array, threshold: float = 200.0) -> jax.Array:
     r"""``mean(d) + max(d)`` with ``d = |h|[|h| > threshold] - threshold``; 0 when empty."""
-    magnitude = jnp.abs(h.astype(jnp.float32))
+    magnitude = jnp.abs(h.astype(jnp.promote_types(h.dtype, jnp.float32)))
     over = magnitude > threshold
     danger = jnp.where(over, magnitude - threshold, 0.0)
     count = jnp.sum(over)
@@ -52,33 +113,61 @@ def attention_extra_term(probs: jax.Array, max_threshold: float = 0.5) -> jax.Ar
 
     0 when no row is below the threshold.
     """
-    row_max = jnp.max(probs.astype(jnp.float32), axis=-1)
+    row_max = jnp.max(probs.astype(jnp.promote_types(probs.dtype, jnp.float32)), axis=-1)
     low = row_max < max_threshold
     count = jnp.sum(low)
     mean = jnp.sum(jnp.where(low, row_max, 0.0)) / jnp.maximum(count, 1)
     return jnp.where(count > 0, 1.0 - mean, 0.0)
 
 
-def learnable_scaler_aux_loss(aux: dict[str, jax.Array], *, feature_decay: float = 0.1,
-                              attn_extra: float = 0.03) -> jax.Array:
+def learnable_scaler_aux_loss(aux: dict[str, jax.Array], *, feature_decay: float = 0.01,
+                              attn_extra: float = 0.003) -> jax.Array:
     """``feature_decay * aux["feature_decay"] + attn_extra * aux["attn_extra"]``.
 
-    The recipe's coefficients are 0.1 and 0.03.
+    The weights are the effective ones; the defaults, 0.01 and 0.003, are those of
+    seed 004's published command (see :func:`reference_aux_loss_weights`).
     """
     return feature_decay * aux["feature_decay"] + attn_extra * aux["attn_extra"]
+
+
+def reference_aux_loss_weights(train_feature_decay: float = 0.1,
+                               attn_extra_loss: float = 0.03) -> dict[str, float]:
+    r"""Effective auxiliary-loss weights of the reference's command-line flags.
+
+    .. math::
+      w_{fd} = f^2, \qquad w_{attn} = f\,a \ \text{if } f > 0 \text{ else } 0
+
+    with ``f = --train-feature-decay`` and ``a = --attn-extra-loss``: the reference
+    scales each block's terms by ``f`` (feature decay) and ``a`` (attention), then
+    the blocks' sum by ``f`` again, and computes the attention term only when
+    feature decay is on. The published ``(0.1, 0.03)`` gives ``(0.01, 0.003)``.
+
+    Returns:
+      ``{"feature_decay": w_fd, "attn_extra": w_attn}``, the keyword arguments of
+      :func:`learnable_scaler_aux_loss` (and the keys of ``config.aux_loss``).
+    """
+    for name, value in (("train_feature_decay", train_feature_decay),
+                        ("attn_extra_loss", attn_extra_loss)):
+        if not value >= 0:
+            raise ValueError(f"reference_aux_loss_weights: {name}={value!r}; expected >= 0.")
+    if train_feature_decay == 0:
+        return {"feature_decay": 0.0, "attn_extra": 0.0}
+    return {"feature_decay": train_feature_decay * train_feature_decay,
+            "attn_extra": train_feature_decay * attn_extra_loss}
 
 
 class MultiHeadSelfAttention(nnx.Module):
     """Self-attention with a fused ``qkv`` projection; can return the attention probabilities."""
 
     def __init__(self, embed_dim: int, num_heads: int, *, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: Any = jnp.float32, kernel_init: Initializer | None = None,
+                 rngs: nnx.Rngs):
         if embed_dim % num_heads:
             raise ValueError(
                 f"MultiHeadSelfAttention: num_heads={num_heads} does not divide "
                 f"embed_dim={embed_dim}; allowed num_heads are the divisors of {embed_dim}."
             )
-        linear = dict(kernel_init=init_for_activation("none"),
+        linear = dict(kernel_init=kernel_init or init_for_activation("none"),
                       bias_init=nnx.initializers.zeros, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
@@ -91,37 +180,53 @@ class MultiHeadSelfAttention(nnx.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
-        # softmax in float32 for bf16 stability
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        # softmax in float32 at least (bf16 autocast runs it in float32)
+        probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                               axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         return self.proj(out.reshape(batch, tokens, -1)), probs
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-norm block: ``h += attn(norm1(h)); h += mlp(norm2(h))``."""
+    """Pre-norm block: ``h += attn(norm1(h)); h += mlp(norm2(h))``.
+
+    ``matmul_dtype`` (default ``dtype``) is the dtype of the four Linear layers;
+    the norms run in ``dtype`` and the residual adds in the stream's dtype.
+    ``kernel_init`` (default: Glorot, He before the GELU) initialises every Linear
+    kernel. The MLP's GELU is exact (erf) unless ``gelu_approximate``.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, *,
                  norm: NormLike, dropout_rate: float, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs, **norm_kwargs: Any):
+                 rngs: nnx.Rngs, matmul_dtype: Any = None,
+                 kernel_init: Initializer | None = None, gelu_approximate: bool = False,
+                 **norm_kwargs: Any):
         norm_args = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, **norm_kwargs)
+        matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
         hidden = int(embed_dim * mlp_ratio)
+        self.gelu_approximate = gelu_approximate
         self.norm1 = make_norm(norm, embed_dim, **norm_args)
-        self.attn = MultiHeadSelfAttention(embed_dim, num_heads, dtype=dtype,
-                                           param_dtype=param_dtype, rngs=rngs)
+        self.attn = MultiHeadSelfAttention(embed_dim, num_heads, dtype=matmul_dtype,
+                                           param_dtype=param_dtype, kernel_init=kernel_init,
+                                           rngs=rngs)
         self.norm2 = make_norm(norm, embed_dim, **norm_args)
-        self.fc1 = nnx.Linear(embed_dim, hidden, kernel_init=init_for_activation("gelu"),
-                              bias_init=nnx.initializers.zeros, dtype=dtype,
+        self.fc1 = nnx.Linear(embed_dim, hidden,
+                              kernel_init=kernel_init or init_for_activation("gelu"),
+                              bias_init=nnx.initializers.zeros, dtype=matmul_dtype,
                               param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, embed_dim, kernel_init=init_for_activation("none"),
-                              bias_init=nnx.initializers.zeros, dtype=dtype,
+        self.fc2 = nnx.Linear(hidden, embed_dim,
+                              kernel_init=kernel_init or init_for_activation("none"),
+                              bias_init=nnx.initializers.zeros, dtype=matmul_dtype,
                               param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The stream after the MLP add, the stream after the attention add, the probs."""
         attn_out, probs = self.attn(self.norm1(h))
+        # the add promotes a bf16 branch output to the stream's float32, as autocast does
         h_attn = h + self.dropout(attn_out)
-        mlp_out = self.fc2(self.dropout(jax.nn.gelu(self.fc1(self.norm2(h_attn)))))
+        hidden = jax.nn.gelu(self.fc1(self.norm2(h_attn)), approximate=self.gelu_approximate)
+        mlp_out = self.fc2(self.dropout(hidden))
         return h_attn + self.dropout(mlp_out), h_attn, probs
 
 
@@ -142,6 +247,12 @@ class ViT(nnx.Module):
       attn_extra_loss_layers: how many first blocks enter ``aux["attn_extra"]``.
       feature_decay_threshold: ``t`` of the feature-decay loss (200).
       attn_max_threshold: row-max threshold of the attention loss (0.5).
+      init: ``"default"`` (seed 003's table) or ``"timm"`` (the seed 004 reference;
+        see the module docstring).
+      matmul_dtype: dtype of the patch conv, the Linear layers and the attention
+        matmuls (``None``: ``dtype``); ``jnp.bfloat16`` (or ``"bfloat16"``) with
+        ``dtype=None`` is bf16 autocast, everything else staying float32.
+      gelu_approximate: the tanh GELU instead of the exact (erf) one.
       dtype, param_dtype: computation and parameter dtypes.
       rngs: random streams (``params``, and ``dropout`` when ``dropout_rate > 0``).
 
@@ -155,9 +266,14 @@ class ViT(nnx.Module):
                  num_heads: int = 3, mlp_ratio: float = 4.0, norm: NormLike = "layer",
                  in_channels: int = 3, dropout_rate: float = 0.0,
                  attn_extra_loss_layers: int = 6, feature_decay_threshold: float = 200.0,
-                 attn_max_threshold: float = 0.5, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
+                 attn_max_threshold: float = 0.5, init: str = "default",
+                 matmul_dtype: Any = None, gelu_approximate: bool = False,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 **norm_kwargs: Any):
         check_norm_name(norm, "ViT")
+        if init not in VIT_INITS:
+            raise ValueError(f"ViT: init={init!r}; allowed values: {VIT_INITS}.")
+        matmul_dtype = dtype if matmul_dtype is None else jnp.dtype(matmul_dtype)
         for name, value in (("num_classes", num_classes), ("patch_size", patch_size),
                             ("embed_dim", embed_dim), ("depth", depth),
                             ("num_heads", num_heads), ("in_channels", in_channels)):
@@ -190,24 +306,37 @@ class ViT(nnx.Module):
         self.feature_decay_threshold = feature_decay_threshold
         self.attn_max_threshold = attn_max_threshold
         num_patches = (height // patch_size) * (width // patch_size)
+        timm = init == "timm"
+        patch_fan_in = in_channels * patch_size * patch_size
         self.patch_embed = nnx.Conv(
             in_channels, embed_dim, (patch_size, patch_size), strides=patch_size,
-            padding="VALID", kernel_init=init_for_activation("none"),
-            bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-            rngs=rngs)
-        token_init = nnx.initializers.normal(0.02)
-        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, embed_dim), param_dtype))
+            padding="VALID",
+            kernel_init=_PYTORCH_DEFAULT_KERNEL if timm else init_for_activation("none"),
+            bias_init=(_pytorch_default_bias(patch_fan_in) if timm
+                       else nnx.initializers.zeros),
+            dtype=matmul_dtype, param_dtype=param_dtype, rngs=rngs)
+        linear_init = timm_trunc_normal(0.02) if timm else None
+        cls_init = nnx.initializers.normal(1e-6 if timm else 0.02)
+        pos_init = timm_trunc_normal(0.02) if timm else nnx.initializers.normal(0.02)
+        self.cls_token = nnx.Param(cls_init(rngs.params(), (1, 1, embed_dim), param_dtype))
         self.pos_embed = nnx.Param(
-            token_init(rngs.params(), (1, num_patches + 1, embed_dim), param_dtype))
+            pos_init(rngs.params(), (1, num_patches + 1, embed_dim), param_dtype))
         self.blocks = nnx.List([
             TransformerBlock(embed_dim, num_heads, mlp_ratio, norm=norm,
                              dropout_rate=dropout_rate, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs, **norm_kwargs)
+                             param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype,
+                             kernel_init=linear_init, gelu_approximate=gelu_approximate,
+                             **norm_kwargs)
             for _ in range(depth)])
         self.norm = make_norm(norm, embed_dim, rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype, **norm_kwargs)
-        self.head = head(embed_dim, num_classes, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+        if timm:
+            self.head = nnx.Linear(embed_dim, num_classes, kernel_init=linear_init,
+                                   bias_init=nnx.initializers.zeros, dtype=matmul_dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.head = head(embed_dim, num_classes, dtype=matmul_dtype,
+                             param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, *, return_aux: bool = False
@@ -220,9 +349,13 @@ class ViT(nnx.Module):
             )
         tokens = self.patch_embed(x)
         batch, _, _, dim = tokens.shape
-        tokens = tokens.reshape(batch, -1, dim)
-        cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim)).astype(tokens.dtype)
-        h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(tokens.dtype)
+        # The residual stream: ``dtype``, else the embeddings' dtype (float32 under bf16
+        # matmuls, as autocast's cat/add promote the bf16 patch tokens).
+        stream = (self.dtype if self.dtype is not None
+                  else jnp.promote_types(tokens.dtype, self.pos_embed.dtype))
+        tokens = tokens.reshape(batch, -1, dim).astype(stream)
+        cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim)).astype(stream)
+        h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(stream)
         feature_decay = jnp.zeros((), jnp.float32)
         attn_extra = jnp.zeros((), jnp.float32)
         for index, block in enumerate(self.blocks):
