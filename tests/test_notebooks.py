@@ -120,6 +120,8 @@ def test_notebook_runs_tiny_on_cpu(name, tmp_path, tmp_path_factory, monkeypatch
                        "--xla_backend_optimization_level=0 "
                        "--xla_llvm_disable_expensive_passes=true")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # not the user's profile
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter"))
     monkeypatch.setenv("SING_JAX_DATA_DIR", str(_data_helpers.session_data_dir(tmp_path_factory)))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
