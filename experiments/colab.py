@@ -34,7 +34,8 @@ EXTRAS = ("data", "train")
 TINY_ENV = "SING_JAX_NOTEBOOK_TINY"
 DATA_DIR_ENV = "SING_JAX_DATA_DIR"
 DRIVE_MOUNT = "/content/drive"
-DRIVE_ROOT = os.path.join(DRIVE_MOUNT, "MyDrive", "sing_jax")
+RUNS_DIR = "sing_jax_runs"  # under the temp dir or Drive; not the clone's name
+DRIVE_ROOT = os.path.join(DRIVE_MOUNT, "MyDrive", RUNS_DIR)
 ACCELERATORS = ("gpu", "tpu")
 # Distributions that make JAX see an accelerator -> the jax extra that installs them.
 ACCELERATOR_PLUGINS = (("jax-cuda13-plugin", "cuda13"), ("jax-cuda12-plugin", "cuda12"),
@@ -293,17 +294,40 @@ def install(checkout: str, *, extras: Sequence[str] = EXTRAS, run: Runner = subp
         raise RuntimeError(f"`{' '.join(plan.command)}` failed (exit {done.returncode}):\n"
                            + (done.stderr or done.stdout or "")[-3000:])
     importlib.invalidate_caches()
-    changed = sorted(f"{d} {v} -> {_installed_version(d)}" for d, v in versions_before.items()
-                     if _installed_version(d) != v)
+    changed = {d: (v, _installed_version(d)) for d, v in versions_before.items()
+               if _installed_version(d) != v}
     if not jax_loaded:
         after = probe_backend(python, run)
         check_backend_kept(before, after, plan.accelerator_requirement)
-    if changed:
+    must, others = split_changed_imports(changed, specs)
+    if must:
         raise RestartNeededError(
-            "pip replaced packages this session had already imported (" + "; ".join(changed[:8])
+            "pip replaced packages this session had already imported (" + "; ".join(must)
             + "). Runtime > Restart session, then run the notebook again from the top: "
             "the install is done and this cell will skip it.")
-    return f"installed {checkout} [{','.join(extras)}] (JAX backend: {before})"
+    note = ("; already imported and now replaced, kept in memory: " + "; ".join(others)
+            if others else "")
+    return f"installed {checkout} [{','.join(extras)}] (JAX backend: {before}){note}"
+
+
+# Compiled packages whose in-memory version must match what JAX and TFDS load next.
+CORE_DISTRIBUTIONS = ("numpy", "jax", "jaxlib", "ml-dtypes", "scipy", "protobuf")
+
+
+def split_changed_imports(changed: Mapping[str, tuple[str, str | None]],
+                          specs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits distributions pip replaced while imported into (restart needed, harmless).
+
+    A restart is needed when one of ours (a requirement of the package) or a compiled
+    core of the stack changed: the session would mix the old module in memory with
+    new code that imports it. Other imported packages (the notebook server's own)
+    keep working with the version they loaded.
+    """
+    Requirement = _requirement_class()
+    ours = {_canonical(Requirement(s).name) for s in specs} | set(CORE_DISTRIBUTIONS)
+    lines = {d: f"{d} {old} -> {new or 'removed'}" for d, (old, new) in sorted(changed.items())}
+    return ([line for d, line in lines.items() if _canonical(d) in ours],
+            [line for d, line in lines.items() if _canonical(d) not in ours])
 
 
 def _installed_version(distribution: str) -> str | None:
@@ -403,10 +427,10 @@ def setup(notebook: str, *, tiny: bool | None = None, parallel: str = "shard_map
       tiny: the parameter cell's ``TINY`` (None: see :func:`resolve_tiny`).
       parallel: ``'shard_map'`` or ``'pmap'``.
       use_drive: mount Google Drive and keep runs and prepared datasets there
-        (``/content/drive/MyDrive/sing_jax``), so that they outlive the session; the
+        (``/content/drive/MyDrive/sing_jax_runs``), so that they outlive the session; the
         datasets are read from a local copy.
       workdir: where this notebook's runs go (default ``<root>/<notebook>``, with root
-        Drive or ``<tempdir>/sing_jax``).
+        Drive or ``<tempdir>/sing_jax_runs``).
     """
     import jax
 
@@ -419,7 +443,7 @@ def setup(notebook: str, *, tiny: bool | None = None, parallel: str = "shard_map
     if tiny is not True:  # an accelerator JAX cannot see is an error, not a reason for TINY
         check_accelerator(backend, attached_accelerator(environ))
     resolved = resolve_tiny(tiny, backend, environ)
-    local_root = os.path.join(tempfile.gettempdir(), "sing_jax")
+    local_root = os.path.join(tempfile.gettempdir(), RUNS_DIR)
     root, mirror = local_root, None
     if use_drive:
         mount_drive()

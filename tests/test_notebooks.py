@@ -330,6 +330,15 @@ def test_install_on_a_fresh_gpu_runtime_keeps_or_reports_the_accelerator(tmp_pat
         colab.install(str(checkout), run=_FakeRuntime(["cpu"], pip_returncode=1))
 
 
+def test_only_our_packages_replaced_while_imported_need_a_restart():
+    specs = colab.requirements(str(ROOT))
+    must, others = colab.split_changed_imports(
+        {"numpy": ("1.26.4", "2.1.0"), "tornado": ("6.3", "6.4"), "grain": ("0.2.1", None),
+         "ml_dtypes": ("0.4", "0.5")}, specs)
+    assert must == ["grain 0.2.1 -> removed", "ml_dtypes 0.4 -> 0.5", "numpy 1.26.4 -> 2.1.0"]
+    assert others == ["tornado 6.3 -> 6.4"]
+
+
 def test_backend_checks():
     colab.check_backend_kept("tpu", "tpu", "jax[tpu]")
     colab.check_backend_kept("cpu", "cpu", None)
