@@ -340,8 +340,8 @@ def test_a_channel_at_zero_keeps_finite_moments(make):
 @pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
                                             (1.0, 100.0)])  # 100: past the rational's range
 def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
-    # Below float64 the tail log1p(exp(-beta d)) is a rational function: it must agree
-    # with PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
+    # On CPU, float32 takes the rational tail instead of exp/log1p: it must agree with
+    # PyTorch's rule, evaluated in float64, to float32 rounding over the whole range.
     d = np.concatenate([np.linspace(0.0, 1.5 * threshold / beta, 20001),
                         [threshold / beta, 1.0001 * threshold / beta, 10.0]])
     d = d.astype(np.float32).astype(np.float64)  # the inputs all three dtypes can hold
@@ -361,11 +361,21 @@ def test_softplus_denominator_float32_matches_float64_softplus(beta, threshold):
     np.testing.assert_allclose(ours64, pytorch_rule(beta * d), rtol=1e-14)
 
 
+@pytest.mark.parametrize("beta", [50.0, 1.0])
+def test_cpu_softplus_equals_the_textbook_form_to_float32_rounding(beta):
+    # The CPU variant (a rational tail chosen by jax.lax.platform_dependent) against the
+    # form every other backend computes, logaddexp(beta d, 0) / beta, both in float32.
+    d = jnp.linspace(0.0, 30.0 / beta, 50001, dtype=jnp.float32)
+    ours = jax.jit(lambda d: sing_jax.softplus_denominator(d, beta))(d)
+    z = beta * d
+    textbook = jnp.where(z > 20.0, d, jnp.logaddexp(z, 0.0) / beta)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(textbook), rtol=3.5e-7)
+
+
 @pytest.mark.parametrize("beta,threshold", [(50.0, 20.0), (1.0, 20.0), (50.0, 5.0),
                                             (1.0, 100.0)])
 def test_float32_softplus_adam_direction_matches_float64_rule(beta, threshold):
-    # Below float64 the direction is beta m Q(z) / (z Q(z) + P(z)), never the softplus
-    # itself: over the whole range of z = beta d it must give m / softplus_beta(d)
+    # Over the whole range of z = beta d the direction must give m / softplus_beta(d)
     # to float32 rounding. With b1 = b2 = 0 and one step, m = g and d = |g|. (Not at
     # beta d = threshold itself, where rounding picks the branch.) Without x64, as
     # users run it: with it the bias corrections are float64 scalars and promote z.
