@@ -27,6 +27,8 @@ from sing_jax.data.pipeline import (
     make_dataset,
     prefetch_to_device,
     train_batch_indices,
+    train_batch_plan,
+    train_steps_per_epoch,
 )
 from sing_jax.data.prepare import prepare, tensorflow_free_build
 
@@ -48,4 +50,6 @@ __all__ = [
     "prepare",
     "tensorflow_free_build",
     "train_batch_indices",
+    "train_batch_plan",
+    "train_steps_per_epoch",
 ]
