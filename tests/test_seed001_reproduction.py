@@ -111,7 +111,7 @@ def test_the_config_model_starts_as_pytorch_does():
             np.testing.assert_array_equal(mine, theirs)
             continue
         fan_in = named[name.replace("bias", "weight")][0].numel()
-        bound = 1 / np.sqrt(fan_in)
+        bound = 1 / np.sqrt(fan_in) * (1 + 1e-6)  # float32 draws may round up to it
         assert np.abs(mine).max() <= bound and np.abs(theirs).max() <= bound
         if mine.size >= 256:  # U(-b, b) has std b / sqrt(3)
             np.testing.assert_allclose(mine.std(), bound / np.sqrt(3), rtol=0.1)
