@@ -56,7 +56,7 @@ def _cells(config: str, grid: str, only: list[str] | None):
             if only and optimizer not in only:
                 continue
             cells.append((module.ROW_NAMES[optimizer], arg,
-                          module.PUBLISHED[(dataset, model)][optimizer]))
+                          module.PUBLISHED[(dataset, model)].get(optimizer)))
         return module, f"{dataset.upper()} {model}", cells
     patch, embed, depth = (int(x) for x in grid.split(","))
     row = module.TABLE.get((patch, embed, depth))

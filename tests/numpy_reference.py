@@ -157,13 +157,16 @@ class NumpySGDMRT:
 class NumpyAdamG:
     """Sphere branch on leaves whose channels hold several elements (d > 1); Adam
     with coupled L2 elsewhere (spec section 2: with d = 1 AdamG is its Euclidean
-    parent)."""
+    parent). ``single_element_spheres``: every leaf with a spec takes the sphere
+    branch, d = 1 included (spec section 6.1, the reference script as written)."""
 
-    def __init__(self, params, specs, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    def __init__(self, params, specs, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0,
+                 single_element_spheres=False):
         self.hp = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd)
         self.p = [np.array(x, np.float64) for x in params]
         self.rows = [Rows(x.shape, s) for x, s in zip(self.p, specs)]
-        self.sphere = [s is not None and r.d > 1 for s, r in zip(specs, self.rows)]
+        self.sphere = [s is not None and (r.d > 1 or single_element_spheres)
+                       for s, r in zip(specs, self.rows)]
         self.m = [np.zeros_like(x) for x in self.p]
         self.v = [np.zeros_like(x) for x in self.p]
         self.t = 0

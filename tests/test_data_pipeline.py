@@ -103,6 +103,64 @@ def test_train_epoch_is_permutation_and_drops_remainder(data_dir):
     assert not all(np.array_equal(a, b) for a, b in zip(order0, order1))  # reshuffled
 
 
+def test_keep_partial_batch_pads_the_last_batch_of_each_epoch(data_dir):
+    # the seed 001 reference keeps the last partial batch: 1365 = 21 * 64 + 21
+    pipe = sd.get_pipeline("digits", "train", 64, seed=3, num_epochs=2, augment=False,
+                           keep_partial_batch=True, data_dir=data_dir, num_local_devices=2,
+                           process_count=1, process_index=0)  # fmt: skip
+    assert pipe.steps_per_epoch == 22 and len(pipe) == 44
+    batches = list(pipe)
+    # every batch has the same shape (a jitted step compiles once), padding is masked
+    assert {b["image"].shape for b in batches} == {(2, 32, 8, 8, 1)}
+    assert [int(b["mask"].sum()) for b in batches[:22]] == [64] * 21 + [21]
+    assert batches[21]["mask"][0].sum() == 21 and not batches[21]["mask"][1].any()
+    train = _split_digests(data_dir, "train")
+    for epoch in range(2):
+        seen = collections.Counter(
+            _digest(x) for b in batches[22 * epoch: 22 * (epoch + 1)]
+            for x in b["image"].reshape(-1, 8, 8, 1)[b["mask"].reshape(-1)])
+        assert seen == train  # every example exactly once per epoch
+    assert not np.array_equal(batches[0]["label"], batches[22]["label"])  # reshuffled
+
+
+def test_validation_rounding_floor_is_the_references_int():
+    from sing_jax.data.pipeline import _split_indices
+
+    assert len(_split_indices(73257, 0.05, "floor")[1]) == 3662  # SVHN: int(3662.85)
+    assert len(_split_indices(73257, 0.05, "round")[1]) == 3663
+    assert len(_split_indices(50000, 0.05, "floor")[1]) == 2500  # CIFAR: exact either way
+    with pytest.raises(ValueError, match="validation_rounding='ceil'"):
+        _split_indices(10, 0.5, "ceil")
+
+
+def test_validation_rounding_in_the_pipeline(data_dir):
+    info = sd.get_info("digits", data_dir=data_dir, validation_rounding="floor")
+    assert info.num_examples["validation"] == 71 and info.num_examples["train"] == 1366
+    assert sd.get_info("digits", data_dir=data_dir).num_examples["validation"] == 72
+
+
+def test_augmented_validation_redraws_each_epoch(tmp_path):
+    with tfds.testing.mock_data(num_examples=40, data_dir=str(tmp_path)):
+        kw = dict(data_dir=tmp_path, num_local_devices=1, process_count=1, process_index=0)
+        plain = list(sd.get_pipeline("cifar10", "validation", 8, **kw))
+        augmented = sd.get_pipeline("cifar10", "validation", 8, augment_eval=True, seed=1,
+                                    **kw)
+        epoch0 = list(augmented.for_epoch(0))
+        again = list(augmented.for_epoch(0))
+        epoch1 = list(augmented.for_epoch(1))
+        other_seed = list(sd.get_pipeline("cifar10", "validation", 8, augment_eval=True,
+                                          seed=2, **kw).for_epoch(0))
+        unaugmented = list(sd.get_pipeline("cifar10", "validation", 8, augment=False,
+                                           augment_eval=True, seed=1, **kw).for_epoch(3))
+    assert len(plain) == len(epoch0) == 1 and epoch0[0]["mask"].sum() == 2
+    np.testing.assert_array_equal(plain[0]["label"], epoch0[0]["label"])  # the same images
+    np.testing.assert_array_equal(epoch0[0]["image"], again[0]["image"])  # deterministic
+    mask = epoch0[0]["mask"]
+    for other in (plain, epoch1, other_seed):
+        assert not np.array_equal(other[0]["image"][mask], epoch0[0]["image"][mask])
+    np.testing.assert_array_equal(unaugmented[0]["image"], plain[0]["image"])
+
+
 def test_two_processes_assemble_the_single_process_global_batch(data_dir):
     kw = dict(seed=5, data_dir=data_dir, augment=False)
     single, _ = _take(sd.get_pipeline("digits", "train", 64, num_local_devices=4,
@@ -355,6 +413,16 @@ def test_index_plan_properties_for_many_sizes():
         np.testing.assert_array_equal(np.sort(seen), np.arange(n))
         if n < b:
             continue
+        # keep_partial_batch: each epoch sees every position once, padding masked
+        per_epoch = -(-n // b)
+        for epoch in range(2):
+            plans = [sd.train_batch_plan(epoch * per_epoch + k, num_examples=n,
+                                         global_batch_size=b, process_index=p,
+                                         process_count=procs, seed=7, keep_partial_batch=True)
+                     for k in range(per_epoch) for p in range(procs)]
+            assert {len(pos) for pos, _ in plans} == {b // procs}
+            real = np.concatenate([pos[mask] for pos, mask in plans])
+            np.testing.assert_array_equal(np.sort(real), np.arange(n))
         # train: each epoch's batches are distinct positions, floor(n / b) * b of them
         per_epoch = n // b
         for epoch in range(2):

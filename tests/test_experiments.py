@@ -1,5 +1,6 @@
 """The experiment configs (tiny modes), the README main command and reproduce.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ TINY_ARGS = [
     (quickstart, "digits,adamw,tiny"), (quickstart, "mnist1d,singd,tiny"),
     (spherical, "cifar10,resnet20,adamsrt,tiny"), (spherical, "svhn,vgg16,sgdmrt,tiny"),
     (spherical, "cifar100,resnet18,adamg,tiny"),
+    (spherical, "cifar10,resnet20,adamg,adamg_as_written,tiny"),
+    (spherical, "imagenet,resnet18,sgdmrt,tiny"),
     (sing, "cifar10,resnet18,constant_cosine,tiny"), (sing, "imagenet,vit,freeze_ln,tiny"),
     (singd, "digits,small_cnn,diagonal,tiny"),
     (learnable_scaler_vit, "16,192,24,learnable_scaler,tiny"),
@@ -41,10 +44,25 @@ def test_tiny_configs_build_a_model_and_optimizer(module, arg):
 
 def test_full_configs_follow_the_seed_protocols():
     c = spherical.get_config("cifar100,vgg16,adamsrt")
-    assert (c.batch_size, c.num_epochs) == (128, 405)
+    assert (c.batch_size, c.eval_batch_size, c.num_epochs) == (128, 1024, 405)
     assert tuple(c.schedule.decay_epochs) == (135, 225, 315)
     assert c.optimizer.channel_dims == "conv" and c.optimizer.b2 == 0.99
+    assert (c.model.init, c.model.unbiased_running_var) == ("pytorch_default", True)
     assert spherical.get_config("svhn,resnet18,sgd").dataset.augment is False
+    assert spherical.get_config("cifar10,resnet20,sgd").model.shortcut == "projection"
+    # the reference script's data quirks are on by default; 'clean' turns them all off
+    quirks = lambda c: (c.dataset.keep_partial_batch, c.dataset.augment_validation,  # noqa: E731
+                        c.dataset.validation_rounding, c.batch_averaged_eval)
+    assert quirks(c) == (True, True, "floor", True)
+    assert quirks(spherical.get_config("cifar100,vgg16,adamsrt,clean")) == (
+        False, False, "round", False)
+    i = spherical.get_config("imagenet,resnet18,adams")
+    assert (i.model.variant, i.batch_size, i.eval_batch_size) == ("imagenet", 256, 512)
+    assert (i.dataset.mix, i.dataset.rand_augment) == (False, False)
+    g = spherical.get_config("cifar10,vgg16,adamg,adamg_as_written").optimizer
+    assert (g.channel_dims, g.single_element_spheres) == ("rules", True)
+    assert spherical.grid("imagenet,resnet18") == [
+        f"imagenet,resnet18,{o}" for o in ("sgd", "adam", "sgdmrt", "adams", "adamsrt")]
     v = learnable_scaler_vit.get_config("32,288,36,layer")
     assert (v.optimizer.name, v.optimizer.weight_decay, v.optimizer.clip_grad_norm,
             v.optimizer.grad_accum_steps) == ("lamb", 0.02, 14.0, 8)
@@ -54,6 +72,9 @@ def test_full_configs_follow_the_seed_protocols():
     for module, bad, message in [
             (spherical, "cifar100,resnet20,sgd", "ResNet-20 on cifar10 only"),
             (spherical, "mnist,resnet18,sgd", "unknown dataset 'mnist'"),
+            (spherical, "imagenet,vgg16,sgd", "ImageNet with resnet18 only"),
+            (spherical, "imagenet,resnet18,adamw", "no cell imagenet,resnet18,adamw"),
+            (spherical, "cifar10,resnet18,sgd,adamg_as_written", "switch of the adamg cells"),
             (learnable_scaler_vit, "16,192,12,layer", "not a row of the seed 004 table"),
             (quickstart, "digits,rmsprop", "unknown optimizer 'rmsprop'")]:
         with pytest.raises(ValueError, match=message):
@@ -118,6 +139,23 @@ def test_readme_main_command_tiny(tmp_path):
         assert 0.0 < float(row[2].rstrip("%")) <= 100.0  # test accuracy at best valid
         assert float(row[4]) > 0                          # ms per step
     assert open(tmp_path / "quickstart_digits.png", "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_reproduce_spherical_tiny_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", "--config=spherical",
+         "--grid=cifar10,resnet20", "--tiny", "--only=adamsrt", "--seeds=1",
+         f"--workdir={tmp_path}"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = [line for line in out.stdout.splitlines() if line.startswith("| Adam-SRT")]
+    assert len(row) == 1 and row[0].endswith("| 91.81 (0.20) |")
+    ours = float(row[0].split("|")[2].split()[0])
+    assert 0.0 < ours <= 100.0
+    summary = [json.loads(line) for line in open(next(tmp_path.rglob("metrics.jsonl")))
+               if '"summary"' in line][-1]
+    assert summary["steps"] == 22  # digits: 1365 = 21 * 64 + 21, the partial batch kept
 
 
 def test_reproduce_table_mean_std_and_layout():

@@ -100,6 +100,21 @@ def test_adamg_matches_numpy(spec_name, wd):
     run_both(tx, numpy_opt, params0)
 
 
+@pytest.mark.parametrize("spec_name", ["per_output_channel", "mixed", "all_axes"])
+def test_adamg_single_element_spheres_matches_numpy(spec_name):
+    # Spec section 6.1, the reference script as written: one-element channels of leaves
+    # with a spec also go on the sphere (each element to +-1), with no weight decay.
+    axes = SPECS[spec_name]
+    params0 = initial_params()
+    tx = sing_jax.adamg(1e-2, weight_decay=0.1, channel_dims=to_spec(axes),
+                        single_element_spheres=True)
+    numpy_opt = ref.NumpyAdamG(params0, axes, lr=1e-2, wd=0.1, single_element_spheres=True)
+    params, _, _ = run_both(tx, numpy_opt, params0)
+    if spec_name == "all_axes":  # every element is a channel of one: all snapped to +-1
+        for p in params:
+            np.testing.assert_allclose(np.abs(np.asarray(p)), 1.0, rtol=1e-7)
+
+
 SING_VARIANTS = {
     "all_parts": {},
     "no_centralization": {"centralize": False},

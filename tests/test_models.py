@@ -29,6 +29,8 @@ def _abstract(build):
 @pytest.mark.parametrize("build,expected", [
     # He et al. 2016 CIFAR ResNet-20, option A shortcuts: 0.27M
     (lambda rngs: models.resnet20(10, rngs=rngs), 269_722),
+    # ... with 1x1 conv + BN projections (option B, the seed 001 reference): 272,474
+    (lambda rngs: models.resnet20(10, shortcut="projection", rngs=rngs), 272_474),
     # ResNet-18, CIFAR stem: 11.17M
     (lambda rngs: models.resnet18(10, rngs=rngs), 11_173_962),
     # ResNet-18, ImageNet (torchvision resnet18): 11,689,512
@@ -39,8 +41,8 @@ def _abstract(build):
     (lambda rngs: models.vit(16, 192, 12, rngs=rngs), 5_717_416),
     # LearnableScaler has as many parameters as the LayerNorm it replaces
     (lambda rngs: models.vit(16, 192, 12, norm="learnable_scaler", rngs=rngs), 5_717_416),
-], ids=["resnet20", "resnet18-cifar", "resnet18-imagenet", "vgg16-bn", "vit-ti16",
-        "vit-ti16-ls"])
+], ids=["resnet20", "resnet20-projection", "resnet18-cifar", "resnet18-imagenet", "vgg16-bn",
+        "vit-ti16", "vit-ti16-ls"])
 def test_parameter_counts(build, expected):
     assert count_params(_abstract(build)) == expected
 

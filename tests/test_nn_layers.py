@@ -94,6 +94,80 @@ def test_batch_norm_train_eval_and_running_stats():
     np.testing.assert_array_equal(bn.mean[...], mean)
 
 
+def test_batch_norm_unbiased_running_var_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    ours = snn.make_norm("batch", 3, rngs=nnx.Rngs(0), unbiased_running_var=True)
+    theirs = torch.nn.BatchNorm2d(3)  # momentum 0.1 = Flax's 0.9
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = (rng.normal(size=(5, 4, 4, 3)) * 2.0 + 1.0).astype(np.float32)
+        y = ours(jnp.asarray(x))
+        y_torch = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+        np.testing.assert_allclose(y, y_torch.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.mean[...], theirs.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ours.var[...], theirs.running_var.numpy(), rtol=1e-5)
+    flax_like = snn.make_norm("batch", 3, rngs=nnx.Rngs(0))  # biased: var * (n-1)/n
+    flax_like(jnp.asarray(x))
+    n = 5 * 4 * 4
+    fresh = snn.make_norm("batch", 3, rngs=nnx.Rngs(0), unbiased_running_var=True)
+    fresh(jnp.asarray(x))
+    np.testing.assert_allclose((np.asarray(fresh.var[...]) - 0.9) * (n - 1) / n,
+                               np.asarray(flax_like.var[...]) - 0.9, rtol=1e-4)
+    with pytest.raises(ValueError, match="unbiased_running_var=True is a BatchNorm option"):
+        snn.make_norm("layer", 3, rngs=nnx.Rngs(0), unbiased_running_var=True)
+
+
+def test_batch_norm_without_mask_is_flaxs_and_masked_ignores_padding():
+    x = jax.random.normal(jax.random.key(0), (6, 3, 3, 4)) * 2.0 + 1.0
+    ours, flax_bn = snn.make_norm("batch", 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(
+        4, momentum=0.9, rngs=nnx.Rngs(0))
+    assert isinstance(ours, nnx.BatchNorm)
+    np.testing.assert_array_equal(ours(x), flax_bn(x))
+    np.testing.assert_array_equal(ours.var[...], flax_bn.var[...])
+    # padding (any values) under a mask: the real rows' output and the statistics are
+    # those of the real rows alone
+    padded = jnp.concatenate([x[:4], jnp.full((2, 3, 3, 4), 1e3)])
+    for unbiased in (False, True):
+        real = snn.make_norm("batch", 4, rngs=nnx.Rngs(0), unbiased_running_var=unbiased)
+        masked = snn.make_norm("batch", 4, rngs=nnx.Rngs(0), unbiased_running_var=unbiased)
+        expected = real(x[:4])
+        with snn.batch_mask(jnp.array([1, 1, 1, 1, 0, 0], bool)):
+            got = masked(padded)
+        np.testing.assert_allclose(got[:4], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(masked.mean[...], real.mean[...], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(masked.var[...], real.var[...], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"mask of shape \(5,\)"):
+        masked(padded, mask=jnp.ones(5))
+
+
+def test_batch_norm_masked_statistics_over_devices_weigh_by_count():
+    # 8 simulated devices, 2 rows each; 5 real rows unevenly spread: 2, 1, 2, then none
+    x = jax.random.normal(jax.random.key(1), (16, 2, 2, 3)) * 3.0 - 1.0
+    mask = jnp.zeros(16, bool).at[jnp.array([0, 1, 3, 4, 5])].set(True)
+    real = snn.make_norm("batch", 3, rngs=nnx.Rngs(0), unbiased_running_var=True)
+    expected = real(x[mask])
+    sharded = snn.make_norm("batch", 3, rngs=nnx.Rngs(0), unbiased_running_var=True)
+    sharded.axis_name = "data"
+    graphdef, state = nnx.split(sharded)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+
+    def run(state, x, mask):
+        module = nnx.merge(graphdef, state)
+        with snn.batch_mask(mask):
+            y = module(x)
+        return y, nnx.state(module)
+
+    y, new_state = jax.jit(jax.shard_map(
+        run, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
+            "data"), jax.sharding.PartitionSpec("data")),
+        out_specs=(jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()),
+        check_vma=False))(state, x, mask)
+    np.testing.assert_allclose(np.asarray(y)[np.asarray(mask)], expected, rtol=1e-5, atol=1e-5)
+    merged = nnx.merge(graphdef, new_state)
+    np.testing.assert_allclose(merged.mean[...], real.mean[...], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(merged.var[...], real.var[...], rtol=1e-5)
+
+
 # ------------------------------------------------------------------ replace_norms
 def _small_vit(norm="layer"):
     return ViT(10, image_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2,
@@ -260,6 +334,26 @@ def test_init_bad_name_and_reinit_zero_bias():
     np.testing.assert_array_equal(model.linears[0].bias[...], 0.0)
     var = float(np.var(np.asarray(model.linears[0].kernel[...])))
     assert abs(var - 1.0 / 64) < 4 * (1.0 / 64) * np.sqrt(2.0 / (64 * 256))
+
+
+def test_pytorch_default_init_bounds_and_reinit():
+    w = np.asarray(snn.pytorch_default_kernel_init()(jax.random.key(0), (3, 3, 32, 96)))
+    bound = 1 / np.sqrt(288)  # fan_in = 3 * 3 * 32
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.03)
+    b = np.asarray(snn.pytorch_default_bias_init(288)(jax.random.key(1), (4000,)))
+    assert np.abs(b).max() <= bound and np.abs(b).max() > 0.99 * bound
+    model = CifarResNet(8, width=4, init="by_activation", rngs=_fast_rngs())
+    model.stem.norm.scale[...] = jnp.full(4, 3.0)
+    count = snn.reinit_pytorch_default(model, rngs=_fast_rngs(2))
+    assert count == 7 + 7 + 1  # convs, BatchNorms, head
+    np.testing.assert_array_equal(model.stem.norm.scale[...], 1.0)
+    head_bound = 1 / np.sqrt(16)
+    assert 0 < np.abs(np.asarray(model.head.bias[...])).max() <= head_bound
+    kernel = np.asarray(model.stages[2][0].conv_norm1.conv.kernel[...])
+    assert np.abs(kernel).max() <= 1 / np.sqrt(3 * 3 * 8)
+    with pytest.raises(ValueError, match=r"init='torch'; allowed values: \('by_activation'"):
+        resnet20(init="torch", rngs=_fast_rngs())
 
 
 # ------------------------------------------------------------------ activations

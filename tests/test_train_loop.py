@@ -170,3 +170,25 @@ def test_singd_with_gradient_accumulation_sums_statistics_over_micro_batches(tmp
     c.optimizer = dict(name="singd", learning_rate=0.05, T=2, grad_accum_steps=2)
     summary = train_and_evaluate(c, str(tmp_path), quiet=True)
     assert summary.steps > 0 and np.isfinite(summary.final_test_accuracy)
+
+
+def test_batch_averaged_eval_is_the_mean_of_per_batch_accuracies(tmp_path):
+    # digits test split: 360 = 256 + 104 examples in two eval batches
+    records = {}
+    for averaged in (False, True):
+        c = _tiny()
+        c.eval_batch_size = 256
+        c.batch_averaged_eval = averaged
+        c.logging.tensorboard = c.logging.plot = False
+        train_and_evaluate(c, str(tmp_path / str(averaged)), quiet=True)
+        records[averaged] = [r for r in read_metrics(str(tmp_path / str(averaged)))
+                             if r["kind"] == "epoch"][-1]
+    pooled, averaged = records[False]["test_accuracy"], records[True]["test_accuracy"]
+    # pooled = (c1 + c2) / 360 and averaged = (c1 / 256 + c2 / 104) / 2, with c1, c2 the
+    # correct counts of the two batches: both must come out as whole numbers
+    c2 = (2 * averaged - 360 * pooled / 256) / (1 / 104 - 1 / 256)
+    c1 = 360 * pooled - c2
+    assert abs(c1 - round(c1)) < 1e-6 and abs(c2 - round(c2)) < 1e-6, (c1, c2)
+    assert 0 <= round(c1) <= 256 and 0 <= round(c2) <= 104
+    # one validation batch (72 examples): both ways agree
+    assert records[True]["valid_accuracy"] == pytest.approx(records[False]["valid_accuracy"])

@@ -116,6 +116,67 @@ def test_eval_step_ignores_masked_padding():
     np.testing.assert_allclose(sums["loss_sum"], full["loss_sum"], rtol=1e-5)
 
 
+class _MaskedBatchNormNet(nnx.Module):
+    """conv -> sing_jax BatchNorm (PyTorch's running variance) -> relu -> pool -> dense."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        from sing_jax import nn as snn
+
+        self.conv = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.norm = snn.make_norm("batch", 4, rngs=rngs, unbiased_running_var=True)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+def test_padded_partial_batch_equals_the_real_examples_alone_and_does_not_recompile():
+    import jax.monitoring
+
+    tx = optax.sgd(0.1, momentum=0.9)
+    full, partial = tiny_batch(n=16, seed=0), tiny_batch(n=7, seed=1)
+    full["mask"] = np.ones(16, bool)  # as sing_jax.data yields every batch
+    # 16 rows over 4 devices: the 7 real ones land 4, 3, 0, 0 per device
+    padded = {k: np.concatenate([v, v[np.arange(9) % 7]]) for k, v in partial.items()}
+    padded["mask"] = np.arange(16) < 7
+
+    def run(num_devices, batches):
+        model = _MaskedBatchNormNet(nnx.Rngs(0))
+        train.set_batch_norm_axis(model)
+        state = train.TrainState.create(model, tx, rng=0)
+        step = train.make_train_step(tx, mesh=train.data_mesh(jax.devices()[:num_devices]),
+                                     options=train.StepOptions(masked_batch_stats=True))
+        state = step.place_state(state)
+        history, compiles = [], []
+
+        def listen(name, *args, **kwargs):
+            if name.endswith("backend_compile_duration"):
+                compiles.append(name)
+
+        for i, batch in enumerate(batches):
+            if i == 1:
+                jax.monitoring.register_event_duration_secs_listener(listen)
+            try:
+                state, metrics = step(state, batch)
+                history.append(train.to_host(metrics))
+            finally:
+                if i == 1:
+                    jax.monitoring.unregister_event_duration_listener(listen)
+        return train.to_host(state.arrays()), history, compiles
+
+    ours, ours_hist, compiles = run(4, [full, padded])
+    alone, alone_hist, _ = run(1, [full, partial])
+    assert compiles == []  # the padded batch has the full batch's shape: no new program
+    _assert_trees_close(alone, ours)
+    _assert_trees_close(alone_hist, ours_hist)
+    assert float(ours["epoch_metrics"]["count"]) == 16 + 7
+    # without the mask the padding would move the statistics and the loss
+    unmasked = {k: v for k, v in padded.items() if k != "mask"}
+    wrong, _, _ = run(4, [full, unmasked])
+    assert not np.allclose(wrong["model_state"]["norm"]["var"],
+                           alone["model_state"]["norm"]["var"], rtol=1e-3)
+
+
 def test_batch_not_divisible_over_devices_names_numbers():
     tx = optax.sgd(0.1)
     state = train.TrainState.create(TinyConvNet(rngs=nnx.Rngs(0)), tx, rng=0)

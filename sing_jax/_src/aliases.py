@@ -214,18 +214,23 @@ def sgdmrt(learning_rate: optax.ScalarOrSchedule = 0.1, momentum: float = 0.0,
 
 def adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0,
-          channel_dims: ChannelDimsSpec = None) -> optax.GradientTransformation:
+          channel_dims: ChannelDimsSpec = None,
+          single_element_spheres: bool = False) -> optax.GradientTransformation:
     r"""AdamG, the seed 001 baseline: Adam on the unit sphere of each channel.
 
     Leaves with a ``ChannelDims`` spec and more than one element per channel
     follow :func:`sing_jax.scale_by_adamg`'s sphere branch (no weight decay,
     channels renormalised to unit norm after every step); Euclidean leaves (``None``,
     or one element per channel) take Adam with coupled L2 ``weight_decay``.
-    See :func:`sing_jax.scale_by_adamg` for how this differs from the reference's
-    inverted ``channel_wise`` flag.
+    ``single_element_spheres=True`` puts the one-element channels of leaves with a
+    spec on the sphere branch too (the reference script as written, see
+    :func:`sing_jax.scale_by_adamg`, which also says how this differs from the
+    reference's inverted ``channel_wise`` flag).
     """
     _check_common("adamg", learning_rate, weight_decay, b1=b1, b2=b2)
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, spherical.euclidean_mask(channel_dims)),
-        spherical.scale_by_adamg(learning_rate, b1, b2, eps, channel_dims),
+        optax.add_decayed_weights(
+            weight_decay, spherical.euclidean_mask(channel_dims, single_element_spheres)),
+        spherical.scale_by_adamg(learning_rate, b1, b2, eps, channel_dims,
+                                 single_element_spheres),
     )

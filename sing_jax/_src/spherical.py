@@ -484,7 +484,8 @@ class ScaleByAdamGState(NamedTuple):
 
 def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8,
-                   channel_dims: ChannelDimsSpec = None) -> optax.GradientTransformation:
+                   channel_dims: ChannelDimsSpec = None,
+                   single_element_spheres: bool = False) -> optax.GradientTransformation:
     r"""AdamG: Adam on the unit sphere of each channel (the seed 001 baseline).
 
     On a leaf with a channel spec (the *sphere* branch), with per-channel
@@ -511,6 +512,19 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
     conv kernels, so there the kernels get plain Adam. Here a ``ChannelDims`` spec
     always means the sphere branch, which is the paper's intent.
 
+    To run the reference script as written, give the conv kernels ``None`` and every
+    other leaf ``ChannelDims((-1,))`` with ``single_element_spheres=True``: the
+    reference's sphere branch also takes leaves whose channels hold one element
+    (BatchNorm scales and biases, the classifier bias), each element put back on its
+    sphere :math:`\{-1, +1\}`.
+
+    Args:
+      learning_rate: the learning rate or schedule.
+      b1, b2, eps: Adam's constants.
+      channel_dims: the channel spec (``None``: every leaf Euclidean).
+      single_element_spheres: leaves with a spec whose channels hold one element
+        (``d = 1``) take the sphere branch too, instead of Adam.
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdamGState`.
     """
@@ -534,7 +548,7 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
             m, v = _adams_moments(geo, g, m, v, b1, b2)
             # Adam's step is s * m, s per channel on sphere leaves.
             s = lr * (1.0 / (bias1 * (jnp.sqrt(_wide(v) / bias2) + eps)))
-            if not geo.is_spherical:
+            if not _on_sphere(geo, single_element_spheres):
                 # d = 1 (spec section 2): a one-element sphere is Euclidean, so the
                 # leaf takes AdamG's Euclidean parent, Adam, instead of snapping to +-1.
                 return (-s * m).astype(g.dtype), m, v
@@ -558,16 +572,23 @@ def scale_by_adamg(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def euclidean_mask(channel_dims: ChannelDimsSpec) -> Any:
+def _on_sphere(geometry: LeafGeometry, single_element_spheres: bool) -> bool:
+    return geometry.is_spherical or (single_element_spheres
+                                     and geometry.group_axes is not None)
+
+
+def euclidean_mask(channel_dims: ChannelDimsSpec,
+                   single_element_spheres: bool = False) -> Any:
     """A callable ``params -> bool tree``: True where the leaf is Euclidean.
 
     Euclidean means a ``None`` spec or channel groups of one element (``d = 1``),
-    the leaves where the channel optimizers reduce to their Euclidean parents.
+    the leaves where the channel optimizers reduce to their Euclidean parents
+    (with ``single_element_spheres``, only a ``None`` spec: see :func:`scale_by_adamg`).
     """
 
     def mask(params):
         geometries = channels.resolve_channel_dims(channel_dims, params)
-        return channels.map_with_geometry(lambda g, _: not g.is_spherical, geometries,
-                                          params)
+        return channels.map_with_geometry(
+            lambda g, _: not _on_sphere(g, single_element_spheres), geometries, params)
 
     return mask

@@ -29,6 +29,8 @@ from sing_jax.data.pipeline import (
     prefetch_to_device,
     spec_with,
     train_batch_indices,
+    train_batch_plan,
+    train_steps_per_epoch,
 )
 from sing_jax.data.prepare import prepare, tensorflow_free_build
 
@@ -52,4 +54,6 @@ __all__ = [
     "spec_with",
     "tensorflow_free_build",
     "train_batch_indices",
+    "train_batch_plan",
+    "train_steps_per_epoch",
 ]

@@ -14,21 +14,30 @@ local devices (``b = B / P`` examples per process, ``B / (P D)`` per device):
   global batch ``k`` of that epoch is ``pi_e[k B : (k + 1) B]`` for
   ``k < floor(N / B)`` (the remainder is dropped), and process ``p`` takes rows
   ``[p b, (p + 1) b)`` of it. The global batch therefore does not depend on ``P``.
+  With ``keep_partial_batch=True`` an epoch has ``ceil(N / B)`` batches: the last
+  one holds the ``N mod B`` remaining examples and is padded to ``B`` rows (copies
+  of ``pi_e[0]``, ``mask = False``), so every batch has the same shape and a jitted
+  step compiles once (the step leaves the padding out of the loss and, with
+  :class:`sing_jax.nn.BatchNorm`, out of the batch statistics).
 * eval: one pass in storage order; global batch ``k`` holds positions
   ``[k B, (k + 1) B)``; positions ``>= N`` are padding (a copy of example 0) with
   ``mask = False``, so every example is seen exactly once over all processes and
   devices, and ``sum(mask) = N``.
 * augmentation: the random draws of global row ``r`` of batch ``k`` come from
   ``(seed, k, r)``, so the augmented global batch, too, is the same for any
-  number of processes, threads or worker processes, and after a resume.
+  number of processes, threads or worker processes, and after a resume. An eval
+  pipeline built with ``augment_eval=True`` (the seed 001 reference validates on a
+  subset of its *augmented* train set) draws from ``(seed, k, r, epoch)``:
+  :meth:`Pipeline.for_epoch` gives each epoch's pass its own draws.
 
 Every batch is a dict of NumPy arrays with a leading local-device axis:
 ``image (D, B/(P D), *image_shape)`` float32, ``label (D, B/(P D))`` int32,
-``mask (D, B/(P D))`` bool (all ``True`` in training).
+``mask (D, B/(P D))`` bool (all ``True`` in training, unless ``keep_partial_batch``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -42,6 +51,9 @@ from sing_jax.data import augment
 Batch = dict[str, np.ndarray]
 
 VALIDATION_SPLIT_SEED = 0
+# How the validation hold-out's size is rounded: round(f N), or int(f N) as the seed 001
+# reference's ``int(valid_split * n)`` (SVHN: 3662 instead of 3663 of 73,257).
+VALIDATION_ROUNDINGS = ("round", "floor")
 _INFINITE_STEPS = 2**50
 
 
@@ -216,14 +228,21 @@ def _sources(name: str, data_dir: str | None):
         ) from err
 
 
-def _split_indices(num_train: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (seed 0) hold-out of ``round(fraction N)`` train examples as validation."""
-    num_val = int(round(num_train * fraction))
+def _split_indices(num_train: int, fraction: float, rounding: str = "round"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (seed 0) hold-out of ``round(fraction N)`` (or ``int(fraction N)``) train
+    examples as validation."""
+    if rounding not in VALIDATION_ROUNDINGS:
+        raise ValueError(f"validation_rounding={rounding!r}; expected one of "
+                         f"{VALIDATION_ROUNDINGS}")
+    num_val = int(round(num_train * fraction)) if rounding == "round" else int(
+        num_train * fraction)
     perm = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_train)
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
-def _split_source(name: str, split: str, sources, validation_fraction: float | None):
+def _split_source(name: str, split: str, sources, validation_fraction: float | None,
+                  validation_rounding: str = "round"):
     """``(tfds_source, indices)`` of one of our splits."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; expected one of {SPLITS}")
@@ -235,7 +254,7 @@ def _split_source(name: str, split: str, sources, validation_fraction: float | N
         source = sources[spec.test_split]
         return source, np.arange(len(source))
     source = sources[spec.train_split]
-    train_idx, val_idx = _split_indices(len(source), fraction)
+    train_idx, val_idx = _split_indices(len(source), fraction, validation_rounding)
     return source, (train_idx if split == "train" else val_idx)
 
 
@@ -244,15 +263,19 @@ def get_info(
     *,
     data_dir: str | os.PathLike | None = None,
     validation_fraction: float | None = None,
+    validation_rounding: str = "round",
 ) -> DatasetInfo:
     """Metadata of ``name`` (building an embedded dataset on first use)."""
-    return _info(name, _sources(name, _resolve_data_dir(data_dir)), validation_fraction)
+    return _info(name, _sources(name, _resolve_data_dir(data_dir)), validation_fraction,
+                 validation_rounding)
 
 
-def _info(name: str, sources, validation_fraction: float | None) -> DatasetInfo:
+def _info(name: str, sources, validation_fraction: float | None,
+          validation_rounding: str = "round") -> DatasetInfo:
     spec = _spec(name)
     counts = {
-        split: len(_split_source(name, split, sources, validation_fraction)[1])
+        split: len(_split_source(name, split, sources, validation_fraction,
+                                 validation_rounding)[1])
         for split in SPLITS
     }
     return DatasetInfo(name, spec.num_classes, spec.image_shape, counts, spec)
@@ -283,16 +306,44 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def train_steps_per_epoch(num_examples: int, global_batch_size: int,
+                          keep_partial_batch: bool = False) -> int:
+    """``floor(N / B)`` train batches per epoch, or ``ceil(N / B)`` keeping the last partial one."""
+    if keep_partial_batch:
+        return -(-num_examples // global_batch_size)
+    return num_examples // global_batch_size
+
+
+def train_batch_plan(
+    step: int, *, num_examples: int, global_batch_size: int, process_index: int,
+    process_count: int, seed: int, keep_partial_batch: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``(positions, mask)`` of this process's rows of train batch ``step``.
+
+    Without ``keep_partial_batch`` the mask is all ``True`` (the remainder of each
+    epoch is dropped); with it, the rows past the epoch's last example are padding
+    (position ``pi_e[0]``, ``mask = False``).
+    """
+    steps_per_epoch = train_steps_per_epoch(num_examples, global_batch_size,
+                                            keep_partial_batch)
+    epoch, k = divmod(step, steps_per_epoch)
+    local = global_batch_size // process_count
+    rows = k * global_batch_size + process_index * local + np.arange(local)
+    mask = rows < num_examples
+    permutation = _epoch_permutation(num_examples, seed, epoch)
+    return permutation[np.where(mask, rows, 0)], mask
+
+
 def train_batch_indices(
     step: int, *, num_examples: int, global_batch_size: int, process_index: int,
     process_count: int, seed: int,
 ) -> np.ndarray:  # fmt: skip
     """Positions (into the split) of this process's rows of train batch ``step``."""
-    steps_per_epoch = num_examples // global_batch_size
-    epoch, k = divmod(step, steps_per_epoch)
-    local = global_batch_size // process_count
-    start = k * global_batch_size + process_index * local
-    return _epoch_permutation(num_examples, seed, epoch)[start : start + local]
+    positions, _ = train_batch_plan(step, num_examples=num_examples,
+                                    global_batch_size=global_batch_size,
+                                    process_index=process_index,
+                                    process_count=process_count, seed=seed)
+    return positions
 
 
 def eval_batch_indices(
@@ -310,23 +361,25 @@ def eval_batch_indices(
 
 
 def _preprocess_batch(
-    spec: DatasetSpec, examples: list[dict[str, Any]], train: bool, augment_train: bool,
+    spec: DatasetSpec, examples: list[dict[str, Any]], augmented: bool,
     seed: int, step: int, rows: np.ndarray, global_batch_size: int,
+    stream: tuple[int, ...] = (),
 ) -> np.ndarray:  # fmt: skip
     """Preprocesses this process's ``rows`` of global batch ``step``.
 
-    The random draws are made per *global* row, from ``(seed, step)``, so a batch
-    is augmented identically whatever the number of processes, threads or workers,
-    and a resumed iterator reproduces the batches it would have produced.
+    ``augmented``: apply the dataset's training augmentation. The random draws are
+    made per *global* row, from ``(seed, step, *stream)``, so a batch is augmented
+    identically whatever the number of processes, threads or workers, and a resumed
+    iterator reproduces the batches it would have produced.
     """
     if spec.preprocess == "imagenet":
         out = np.empty((len(examples), *spec.image_shape), np.uint8)
         for i, ex in enumerate(examples):
-            rng = np.random.default_rng([seed, step, int(rows[i]), 2])
+            rng = np.random.default_rng([seed, step, int(rows[i]), 2, *stream])
             image = ex["image"]
             if image.ndim == 2 or image.shape[-1] == 1:
                 image = np.broadcast_to(image.reshape(*image.shape[:2], 1), (*image.shape[:2], 3))
-            if train and augment_train:
+            if augmented:
                 image = augment.random_resized_crop(image, rng, size=spec.image_shape[0])
                 if rng.random() < 0.5:
                     image = image[:, ::-1]
@@ -342,8 +395,8 @@ def _preprocess_batch(
         return augment.normalize(out, spec.mean, spec.std)
     images = np.stack([np.asarray(ex["image"]) for ex in examples])
     if spec.preprocess == "cifar":
-        if train and augment_train:
-            rng = np.random.default_rng([seed, step, 1])
+        if augmented:
+            rng = np.random.default_rng([seed, step, 1, *stream])
             params = augment.crop_flip_params(rng, global_batch_size, padding=4)
             images = augment.apply_crop_flip(images, *(p[rows] for p in params), padding=4)
         return augment.normalize(images, spec.mean, spec.std)
@@ -356,27 +409,38 @@ class _BatchReader:
     """Batch ``step`` -> preprocessed per-device batch (a picklable callable for grain)."""
 
     def __init__(self, *, spec, source, indices, train, augment, global_batch_size,
-                 process_index, process_count, num_local_devices, seed):  # fmt: skip
+                 process_index, process_count, num_local_devices, seed,
+                 keep_partial_batch=False, augment_eval=False, epoch=0):  # fmt: skip
         self.spec, self.source, self.indices = spec, source, indices
         self.train, self.augment, self.seed = train, augment, seed
         self.global_batch_size = global_batch_size
         self.process_index, self.process_count = process_index, process_count
         self.num_local_devices = num_local_devices
+        self.keep_partial_batch = keep_partial_batch
+        self.augment_eval, self.epoch = augment_eval, epoch
+
+    def for_epoch(self, epoch: int) -> _BatchReader:
+        reader = copy.copy(self)
+        reader.epoch = epoch
+        return reader
 
     def __call__(self, step: int) -> Batch:
         kw = dict(num_examples=len(self.indices), global_batch_size=self.global_batch_size,
                   process_index=self.process_index, process_count=self.process_count)  # fmt: skip
         if self.train:
-            positions = train_batch_indices(step, seed=self.seed, **kw)
-            mask = np.ones(len(positions), bool)
+            positions, mask = train_batch_plan(step, seed=self.seed,
+                                               keep_partial_batch=self.keep_partial_batch, **kw)
         else:
             positions, mask = eval_batch_indices(step, **kw)
         record_ids = self.indices[positions]
         examples = _read(self.source, record_ids)
         local = len(positions)
         rows = self.process_index * local + np.arange(local)  # rows of the global batch
-        images = _preprocess_batch(self.spec, examples, self.train, self.augment, self.seed,
-                                   step, rows, self.global_batch_size)  # fmt: skip
+        augmented = self.augment and (self.train or self.augment_eval)
+        # Augmented eval passes draw from their own stream, one per epoch.
+        stream = () if self.train else (1, self.epoch)
+        images = _preprocess_batch(self.spec, examples, augmented, self.seed, step, rows,
+                                   self.global_batch_size, stream)  # fmt: skip
         labels = np.asarray([ex["label"] for ex in examples], np.int32)
         d = self.num_local_devices
         return {
@@ -418,6 +482,20 @@ class Pipeline:
     info: DatasetInfo
     read_options: Any = None
     worker_count: int = 0
+    reader: Any = None
+
+    def for_epoch(self, epoch: int) -> Pipeline:
+        """The pass of epoch ``epoch`` of an ``augment_eval`` pipeline (fresh draws per
+        epoch, as a PyTorch loader re-draws its random transforms); other pipelines
+        are returned unchanged."""
+        if self.reader is None or self.reader.train or not (
+                self.reader.augment_eval and self.reader.augment):
+            return self
+        import grain
+
+        reader = self.reader.for_epoch(int(epoch))
+        dataset = grain.MapDataset.range(self.num_batches).map(reader)
+        return dataclasses.replace(self, dataset=dataset, reader=reader)
 
     def __iter__(self):
         dataset = self.dataset.to_iter_dataset(self.read_options)
@@ -450,6 +528,9 @@ def get_pipeline(
     num_epochs: int | None = None,
     data_dir: str | os.PathLike | None = None,
     validation_fraction: float | None = None,
+    validation_rounding: str = "round",
+    keep_partial_batch: bool = False,
+    augment_eval: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
     num_local_devices: int | None = None,
@@ -469,10 +550,19 @@ def get_pipeline(
       seed: shuffling and augmentation seed (train only).
       train: training mode (shuffle, augment, drop remainder, repeat). Default:
         ``split == 'train'``. In eval mode one ordered pass, padded with a mask.
-      augment: apply the dataset's training augmentation in training mode.
+      augment: apply the dataset's training augmentation in training mode (and in
+        eval mode with ``augment_eval``).
       num_epochs: training epochs (``None``: endless). Ignored in eval mode.
       data_dir: TFDS data dir (default ``$SING_JAX_DATA_DIR``, else TFDS's).
       validation_fraction: override the spec's hold-out share.
+      validation_rounding: size of the hold-out, ``'round'`` (``round(f N)``) or
+        ``'floor'`` (``int(f N)``, the seed 001 reference's).
+      keep_partial_batch: training mode: keep each epoch's last partial batch,
+        padded to the global batch size with ``mask = False`` (``ceil(N / B)``
+        steps per epoch, every batch the same shape) instead of dropping it.
+      augment_eval: eval mode: apply the training augmentation too (the seed 001
+        reference validates on a subset of its augmented train set), with draws from
+        ``seed`` and the epoch (:meth:`Pipeline.for_epoch`).
       process_index, process_count: this process and the number of processes
         (default ``jax.process_index()``, ``jax.process_count()``).
       num_local_devices: leading batch axis (default ``jax.local_device_count()``).
@@ -501,8 +591,10 @@ def get_pipeline(
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     train = (split == "train") if train is None else train
     sources = _sources(name, _resolve_data_dir(data_dir))
-    source, indices = _split_source(name, split, sources, validation_fraction)
-    info = dataclasses.replace(_info(name, sources, validation_fraction), spec=spec)
+    source, indices = _split_source(name, split, sources, validation_fraction,
+                                    validation_rounding)
+    info = dataclasses.replace(_info(name, sources, validation_fraction, validation_rounding),
+                               spec=spec)
     n = len(indices)
     if n == 0:
         raise ValueError(
@@ -511,7 +603,7 @@ def get_pipeline(
             "; pass validation_fraction > 0 for a validation split, or use split='test'"
         )
     if train:
-        steps_per_epoch = n // global_batch_size
+        steps_per_epoch = train_steps_per_epoch(n, global_batch_size, keep_partial_batch)
         if steps_per_epoch == 0:
             raise ValueError(
                 f"split {split!r} of {name!r} has {n} examples, fewer than one global batch "
@@ -526,13 +618,15 @@ def get_pipeline(
         spec=spec, source=source, indices=indices, train=train, augment=augment,
         global_batch_size=global_batch_size, process_index=process_index,
         process_count=process_count, num_local_devices=num_local_devices, seed=seed,
+        keep_partial_batch=keep_partial_batch, augment_eval=augment_eval,
     )  # fmt: skip
     length = _INFINITE_STEPS if num_batches is None else num_batches
     dataset = grain.MapDataset.range(length).map(reader)
     if not isinstance(worker_count, int) or worker_count < 0:
         raise ValueError(f"worker_count must be a non-negative integer, got {worker_count!r}")
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
-    return Pipeline(dataset, num_batches, steps_per_epoch, info, read_options, worker_count)
+    return Pipeline(dataset, num_batches, steps_per_epoch, info, read_options, worker_count,
+                    reader)
 
 
 @dataclasses.dataclass

@@ -3,8 +3,11 @@
 ``make_norm("batch" | "layer" | "rms" | "group" | "learnable_scaler" | "none", C)``
 builds the module that normalises the last (feature) axis of size ``C``:
 
-- ``"batch"``: ``nnx.BatchNorm`` (statistics over every axis but the last; running
-  averages with PyTorch's default momentum, 0.9 in Flax's convention).
+- ``"batch"``: :class:`BatchNorm`, an ``nnx.BatchNorm`` (statistics over every axis
+  but the last; running averages with PyTorch's default momentum, 0.9 in Flax's
+  convention) that can also update its running variance as PyTorch does
+  (``unbiased_running_var=True``) and leave padded examples out of its statistics
+  (:func:`batch_mask`).
 - ``"layer"``: ``nnx.LayerNorm`` over the feature axis (per token / per pixel).
 - ``"rms"``: ``nnx.RMSNorm`` over the feature axis.
 - ``"group"``: ``nnx.GroupNorm`` (``num_groups`` defaults to ``gcd(32, C)``).
@@ -14,18 +17,163 @@ builds the module that normalises the last (feature) axis of size ``C``:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Union
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sing_jax.nn.layers import Identity, LearnableScaler
 
 NORM_NAMES = ("batch", "layer", "rms", "group", "learnable_scaler", "none")
+
+# The example mask of the batch being traced (see batch_mask); None: every example counts.
+_BATCH_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "sing_jax_batch_mask", default=None)
+
+
+@contextlib.contextmanager
+def batch_mask(mask: jax.Array | None) -> Iterator[None]:
+    """Inside the block, every :class:`BatchNorm` in training mode ignores masked examples.
+
+    ``mask`` has the leading (batch) axes of the activations, ``1``/``True`` for a
+    real example and ``0``/``False`` for padding (e.g. the padded last partial batch
+    of an epoch). It is read while the model is traced, so enter the block inside
+    the traced function that calls the model (the train step does).
+    """
+    token = _BATCH_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _BATCH_MASK.reset(token)
+
+
+class BatchNorm(nnx.BatchNorm):
+    r"""``nnx.BatchNorm`` with masked cross-device statistics and PyTorch's running variance.
+
+    In training mode, over the examples whose mask is set (all of them without a
+    mask) on every device of ``axis_name``, with :math:`n` the number of values per
+    feature:
+
+    .. math::
+      \mu = \frac{1}{n}\sum x, \qquad \sigma^2 = \frac{1}{n}\sum (x - \mu)^2, \qquad
+      y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta \\
+      \bar\mu \leftarrow m\,\bar\mu + (1 - m)\,\mu, \qquad
+      \bar\sigma^2 \leftarrow m\,\bar\sigma^2 + (1 - m)\,\sigma^2\,
+      \frac{n}{n - 1}\ \text{(only with unbiased_running_var)}
+
+    ``unbiased_running_var=True`` is PyTorch's convention (``nn.BatchNorm2d``
+    normalises with the biased variance but tracks the unbiased one); Flax tracks the
+    biased one. The sums are ``psum``-ed over ``axis_name``, so a device holding
+    fewer real examples (or none) weighs in by its count, unlike a mean of
+    per-device means. The mask comes from ``mask=`` or the enclosing
+    :func:`batch_mask`. Without a mask and with the Flax convention the layer is
+    exactly ``nnx.BatchNorm``. The running statistics are float32, or ``param_dtype``
+    when that is wider.
+    """
+
+    def __init__(self, num_features: int, *, unbiased_running_var: bool = False,
+                 **kwargs: Any):
+        super().__init__(num_features, **kwargs)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        # Running statistics in float32 (as Flax's), or in param_dtype when it is wider
+        # (a float64 model keeps float64 statistics, as PyTorch's .double()).
+        stats_dtype = jnp.promote_types(kwargs.get("param_dtype", jnp.float32), jnp.float32)
+        if stats_dtype != self.mean.dtype:
+            self.mean = nnx.BatchStat(self.mean[...].astype(stats_dtype))
+            self.var = nnx.BatchStat(self.var[...].astype(stats_dtype))
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        if mask is None:
+            mask = _BATCH_MASK.get()
+        use_running = (self.use_running_average if use_running_average is None
+                       else use_running_average)
+        if use_running or (mask is None and not self.unbiased_running_var):
+            return super().__call__(x, use_running_average)
+        return self._normalize_with_batch_stats(x, mask)
+
+    def _normalize_with_batch_stats(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        ndim = x.ndim
+        axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
+        feature_axes = tuple(sorted(a % ndim for a in axes))
+        reduction_axes = tuple(a for a in range(ndim) if a not in feature_axes)
+        stats_shape = [x.shape[a] if a in feature_axes else 1 for a in range(ndim)]
+        # Statistics in at least float32 (float64 stays float64), as Flax's.
+        stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+        xs = x.astype(stats_dtype)
+        if mask is None:
+            weights = None
+            local_count = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes),
+                                      stats_dtype)
+        else:
+            mask = jnp.asarray(mask)
+            if mask.shape != x.shape[:mask.ndim]:
+                raise ValueError(
+                    f"BatchNorm: mask of shape {mask.shape} does not match the leading "
+                    f"axes of the input of shape {x.shape}; expected a mask of shape "
+                    f"{x.shape[:max(mask.ndim, 1)]}.")
+            weights = jnp.broadcast_to(
+                mask.astype(stats_dtype).reshape(mask.shape + (1,) * (ndim - mask.ndim)),
+                x.shape)
+            local_count = jnp.sum(weights, axis=reduction_axes)
+
+        def global_sum(*values):
+            stacked = jnp.stack(jnp.broadcast_arrays(*values))
+            if self.axis_name is not None:
+                stacked = jax.lax.psum(stacked, self.axis_name,
+                                       axis_index_groups=self.axis_index_groups)
+            return tuple(stacked)
+
+        def local_sum(values):
+            if weights is not None:
+                values = values * weights
+            return jnp.sum(values, axis=reduction_axes)
+
+        if self.use_fast_variance:
+            count, total, total_sq = global_sum(local_count, local_sum(xs),
+                                                local_sum(jnp.square(xs)))
+            seen = jnp.maximum(count, 1.0)
+            mean = total / seen
+            var = jnp.maximum(total_sq / seen - jnp.square(mean), 0.0)
+        else:
+            count, total = global_sum(local_count, local_sum(xs))
+            seen = jnp.maximum(count, 1.0)
+            mean = total / seen
+            (centred,) = global_sum(local_sum(jnp.square(xs - mean.reshape(stats_shape))))
+            var = centred / seen
+        tracked_var = var * (seen / jnp.maximum(seen - 1.0, 1.0)) \
+            if self.unbiased_running_var else var
+        momentum = self.momentum
+        # Statistics over no example at all (a device holding only padding, when the
+        # statistics are per device) leave the running averages as they were.
+        any_seen = count > 0
+        old_mean, old_var = self.mean[...], self.var[...]
+        new_mean = momentum * old_mean + (1 - momentum) * mean.astype(old_mean.dtype)
+        new_var = momentum * old_var + (1 - momentum) * tracked_var.astype(old_var.dtype)
+        self.mean[...] = jax.lax.stop_gradient(jnp.where(any_seen, new_mean, old_mean))
+        self.var[...] = jax.lax.stop_gradient(jnp.where(any_seen, new_var, old_var))
+        multiplier = jax.lax.rsqrt(var + self.epsilon)
+        out_args = [x]
+        if self.scale is not None:
+            scale = self.scale[...]
+            out_args.append(scale)
+            multiplier = multiplier * scale.astype(stats_dtype)
+        y = (xs - mean.reshape(stats_shape)) * multiplier.reshape(stats_shape)
+        if self.bias is not None:
+            bias = self.bias[...]
+            out_args.append(bias)
+            y = y + bias.astype(stats_dtype).reshape(stats_shape)
+        out_dtype = self.dtype if self.dtype is not None else jnp.result_type(*out_args)
+        return y.astype(out_dtype)
+
+
 NORM_TYPES: dict[str, type] = {
-    "batch": nnx.BatchNorm,
+    "batch": BatchNorm,
     "layer": nnx.LayerNorm,
     "rms": nnx.RMSNorm,
     "group": nnx.GroupNorm,
@@ -55,8 +203,8 @@ def check_norm_name(norm: NormLike, owner: str = "norm") -> None:
 def make_norm(norm: NormLike, num_features: int, *, rngs: nnx.Rngs, dtype: Any = None,
               param_dtype: Any = jnp.float32, epsilon: float | None = None,
               momentum: float = 0.9, num_groups: int | None = None,
-              scale_init: Any = "normal", use_running_average: bool = False
-              ) -> nnx.Module:
+              scale_init: Any = "normal", use_running_average: bool = False,
+              unbiased_running_var: bool = False) -> nnx.Module:
     """Builds the normalisation layer named ``norm`` for ``num_features`` channels.
 
     Args:
@@ -74,22 +222,30 @@ def make_norm(norm: NormLike, num_features: int, *, rngs: nnx.Rngs, dtype: Any =
       scale_init: LearnableScaler's ``a`` initializer (``"normal"`` is the reference).
       use_running_average: initial BatchNorm mode (``model.train()`` /
         ``model.eval()`` switch it).
+      unbiased_running_var: BatchNorm only: track the running variance with the
+        unbiased batch variance (x n/(n-1)), PyTorch's convention (see :class:`BatchNorm`).
 
     Raises:
-      ValueError: unknown ``norm`` name, or ``num_groups`` not dividing ``num_features``.
+      ValueError: unknown ``norm`` name, ``num_groups`` not dividing ``num_features``,
+        or ``unbiased_running_var`` for a norm other than BatchNorm.
     """
     check_norm_name(norm, "make_norm")
     if not isinstance(num_features, int) or num_features <= 0:
         raise ValueError(
             f"make_norm: num_features={num_features!r}; expected a positive int."
         )
+    if unbiased_running_var and norm != "batch":
+        raise ValueError(
+            f"make_norm: unbiased_running_var=True is a BatchNorm option; norm={norm!r} "
+            "keeps no running variance.")
     if callable(norm):
         return norm(num_features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     eps = {} if epsilon is None else {"epsilon": epsilon}
     if norm == "batch":
-        return nnx.BatchNorm(num_features, momentum=momentum,
-                             use_running_average=use_running_average, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs, **eps)
+        return BatchNorm(num_features, momentum=momentum,
+                         use_running_average=use_running_average,
+                         unbiased_running_var=unbiased_running_var, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs, **eps)
     if norm == "layer":
         return nnx.LayerNorm(num_features, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs, **eps)

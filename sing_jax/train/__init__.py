@@ -25,6 +25,11 @@ from sing_jax.train.step import (
     set_batch_norm_axis,
     to_host,
 )
+from sing_jax.train.torch_optimizers import (
+    from_torch,
+    seed001_hyperparameters,
+    seed001_optimizer,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -36,11 +41,14 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "default_config",
+    "from_torch",
     "model_names",
     "plot_curves",
     "prepare_workdir",
     "read_metrics",
     "register_model",
+    "seed001_hyperparameters",
+    "seed001_optimizer",
     "train_and_evaluate",
     "validate_config",
     "AXIS",

@@ -63,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
         eval_crop_pct=0.0,           # 0 = the dataset's eval resize (ImageNet: 224/0.875)
         eval_interpolation="",       # '' = the dataset's eval resampling (ImageNet: bilinear)
         extra_test=(),               # more test sets evaluated each epoch, e.g. ('imagenet_v2',)
+        # Quirks of the seed 001 reference script (its config turns them on):
+        keep_partial_batch=False,    # keep each epoch's last partial batch (padded, masked)
+        augment_validation=False,    # validation images get the train augmentation
+        validation_rounding="round",  # hold-out size round(f N) or 'floor': int(f N)
     ))
     c.model = ml_collections.ConfigDict(dict(name="small_cnn"))  # + the model's kwargs
     c.optimizer = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3))
@@ -75,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sync_batch_stats = True
     c.compute_dtype = "float32"      # or 'bfloat16' (float32 master weights)
     c.label_smoothing = 0.0
+    # Valid/test loss and accuracy as the mean of per-batch values (each eval batch
+    # weighs the same, as the seed 001 reference script) instead of per example.
+    c.batch_averaged_eval = False
     # LearnableScaler ViT recipe (seed 004): weights of the model's auxiliary losses.
     c.aux_loss = ml_collections.ConfigDict(dict(feature_decay=0.0, attn_extra=0.0))
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -184,12 +191,21 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-def _evaluate(eval_step, state, pipeline) -> dict[str, float]:
+def _evaluate(eval_step, state, pipeline, batch_averaged: bool = False) -> dict[str, float]:
+    """Loss and accuracy over one pass: per example, or (``batch_averaged``) the mean
+    of the per-batch values, every batch weighing the same."""
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+    batch_means, batches = {"loss": 0.0, "accuracy": 0.0}, 0
     for batch in pipeline:
         sums = to_host(eval_step(state, batch))
         for k in totals:
             totals[k] += float(sums[k])
+        if float(sums["count"]) > 0:
+            batch_means["loss"] += float(sums["loss_sum"]) / float(sums["count"])
+            batch_means["accuracy"] += float(sums["correct_sum"]) / float(sums["count"])
+            batches += 1
+    if batch_averaged:
+        return {k: v / max(batches, 1) for k, v in batch_means.items()}
     count = max(totals["count"], 1.0)
     return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
 
@@ -259,11 +275,16 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                        data_dir=config.dataset.data_dir or None,
                        validation_fraction=(None if config.dataset.validation_fraction < 0
                                             else config.dataset.validation_fraction),
+                       validation_rounding=config.dataset.validation_rounding,
                        preprocessing=preprocessing)
     train_pipe = sdata.get_pipeline(dataset, "train", config.batch_size, seed=config.seed,
-                                    augment=config.dataset.augment, **data_kwargs)
+                                    augment=config.dataset.augment,
+                                    keep_partial_batch=config.dataset.keep_partial_batch,
+                                    **data_kwargs)
     info = train_pipe.info
     valid_pipe = (sdata.get_pipeline(dataset, "validation", config.eval_batch_size,
+                                     seed=config.seed, augment=config.dataset.augment,
+                                     augment_eval=config.dataset.augment_validation,
                                      **data_kwargs)
                   if info.num_examples["validation"] > 0 else None)
     test_pipe = sdata.get_pipeline(dataset, "test", config.eval_batch_size, **data_kwargs)
@@ -335,7 +356,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                           label_smoothing=config.label_smoothing,
                           grad_norms=config.logging.grad_norms,
                           aux_loss=_aux_loss_fn(config),
-                          singd=config.optimizer.name == "singd", mixing=mixing)
+                          singd=config.optimizer.name == "singd", mixing=mixing,
+                          masked_batch_stats=config.dataset.keep_partial_batch)
     train_step = make_train_step(tx, parallel=config.parallel, mesh=mesh, options=options)
     eval_step = make_eval_step(parallel=config.parallel, mesh=mesh)
     state = train_step.place_state(state)
@@ -403,9 +425,10 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                       "train_accuracy": float(sums["correct_sum"]) / count,
                       "learning_rate": float(learning_rate_at(step // accum))}
             if valid_pipe is not None:
-                valid = _evaluate(eval_step, state, valid_pipe)
+                valid = _evaluate(eval_step, state, valid_pipe.for_epoch(epoch),
+                                  config.batch_averaged_eval)
                 record.update(valid_loss=valid["loss"], valid_accuracy=valid["accuracy"])
-            test = _evaluate(eval_step, state, test_pipe)
+            test = _evaluate(eval_step, state, test_pipe, config.batch_averaged_eval)
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
             for label, pipe in extra_test_pipes.items():
                 extra = _evaluate(eval_step, state, pipe)

@@ -62,6 +62,10 @@ def _models() -> dict[str, Callable[..., nnx.Module]]:
     return wrapped
 
 
+# Keyword arguments a model forwards to its norm factory (sing_jax.nn.make_norm).
+NORM_KEYS = ("epsilon", "momentum", "use_bias", "use_scale", "use_running_average",
+             "unbiased_running_var")
+
 _EXTRA_MODELS: dict[str, tuple[Callable[..., nnx.Module], Callable[..., Any]]] = {}
 
 
@@ -98,8 +102,7 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...],
     unknown = sorted(k for k in kwargs if k not in allowed)
     # Models that forward **norm_kwargs still reject a misspelt key here: only norm options
     # (eps/momentum-like names) may pass through; anything else must be a named argument.
-    if unknown and not (takes_any and all(k in ("epsilon", "momentum", "use_bias", "use_scale",
-                                                "use_running_average") for k in unknown)):
+    if unknown and not (takes_any and all(k in NORM_KEYS for k in unknown)):
         raise ValueError(f"config.model: {name} takes no key(s) {unknown}; its keys are "
                          f"{allowed}")
     return builder(num_classes, tuple(input_shape), rngs=nnx.Rngs(seed), **kwargs)

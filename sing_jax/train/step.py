@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sing_jax.nn.norms import batch_mask
 from sing_jax.train.state import TrainState
 
 AXIS = "data"
@@ -116,9 +117,11 @@ def classification_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array
     """Per-shard mean cross-entropy and the (unreduced) sums of loss, correct, count.
 
     ``soft_targets`` (mixup/cutmix) replace the one-hot labels in the loss; accuracy is
-    always measured against ``labels``.
+    always measured against ``labels``. The loss is computed in float32, or in the
+    logits' dtype when that is wider (float64 logits give a float64 loss, as PyTorch
+    computes its loss in the model's dtype).
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     num_classes = logits.shape[-1]
     if soft_targets is not None:
         per_example = optax.softmax_cross_entropy(logits, soft_targets)
@@ -127,6 +130,7 @@ def classification_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array
         per_example = optax.softmax_cross_entropy(logits, targets)
     else:
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    weights = weights.astype(per_example.dtype)
     count = jnp.sum(weights)
     loss_sum = jnp.sum(per_example * weights)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
@@ -157,6 +161,11 @@ class StepOptions:
       aux_loss: optional ``(model, images) -> (logits, extra_loss)`` used instead of
         ``model(images)``; ``extra_loss`` is added to the cross-entropy (e.g. the
         LearnableScaler recipe's feature-decay and attention losses).
+      masked_batch_stats: the batches may hold padding (``batch['mask'] == 0``, the
+        padded last partial batch of an epoch): the model runs inside
+        :func:`sing_jax.nn.batch_mask`, so its :class:`sing_jax.nn.BatchNorm` layers
+        take their statistics over the real examples only. The loss is always the
+        mean over the real examples of the global batch.
     """
 
     sync_batch_stats: bool = True
@@ -166,6 +175,7 @@ class StepOptions:
     aux_loss: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     singd: bool = False
     mixing: tuple[int, float, float, float] | None = None
+    masked_batch_stats: bool = False
 
 
 def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any]):
@@ -211,14 +221,21 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
         images, soft_targets = mixed["image"], mixed["soft_label"]
     if options.compute_dtype is not None:
         images = images.astype(options.compute_dtype)
+    # The gradients are pmean-ed over devices, so each device's loss is its sum over
+    # the global mean count: the mean over the real examples of the global batch even
+    # when padding leaves the devices with unequal counts.
+    mean_count = jax.lax.pmean(jnp.sum(weights), AXIS)
 
     def forward(model):
-        if options.aux_loss is None:
-            logits = model(images)
-        else:
-            logits, extra = options.aux_loss(model, images)
-        loss, sums = classification_sums(logits, labels, weights, options.label_smoothing,
-                                         soft_targets)
+        with batch_mask(weights if options.masked_batch_stats else None):
+            if options.aux_loss is None:
+                logits = model(images)
+            else:
+                logits, extra = options.aux_loss(model, images)
+        _, sums = classification_sums(logits, labels, weights, options.label_smoothing,
+                                      soft_targets)
+        divisor = jnp.where(mean_count > 0, mean_count, 1.0).astype(sums["loss_sum"].dtype)
+        loss = sums["loss_sum"] / divisor
         if options.aux_loss is not None:
             loss = loss + extra.astype(jnp.float32)
         return loss, sums
@@ -251,7 +268,8 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
 
         metrics.update({k: v for k, v in diagnostics_metrics(opt_state).items()
                         if k != "learning_rate"})
-    epoch_metrics = {k: state.epoch_metrics[k] + sums[k] for k in state.epoch_metrics}
+    epoch_metrics = {k: (state.epoch_metrics[k] + sums[k]).astype(state.epoch_metrics[k].dtype)
+                     for k in state.epoch_metrics}
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, epoch_metrics=epoch_metrics)
     return new_state, metrics

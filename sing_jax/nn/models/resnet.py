@@ -4,9 +4,15 @@ ResNet-18 comes with the CIFAR stem (3x3, no max-pool) and the ImageNet stem.
 
 Channel-last (NHWC) inputs; every model takes ``norm=`` (see
 :func:`sing_jax.nn.make_norm`). Convolutions that feed a norm have no bias.
-Parameter counts for 10 classes with BatchNorm: ResNet-20 269,722 (0.27M),
-ResNet-18 CIFAR 11,173,962 (11.17M); ResNet-18 ImageNet with 1000 classes
-11,689,512 (11.69M), as in torchvision.
+Parameter counts for 10 classes with BatchNorm: ResNet-20 269,722 (0.27M) with
+the paper's zero-padded shortcuts (``shortcut="pad"``, option A) and 272,474 with
+1x1 conv + norm projections (``shortcut="projection"``, option B, the seed 001
+reference's block); ResNet-18 CIFAR 11,173,962 (11.17M); ResNet-18 ImageNet with 1000
+classes 11,689,512 (11.69M), as in torchvision.
+
+``init="pytorch_default"`` starts every conv and the classifier as PyTorch's
+``nn.Conv2d``/``nn.Linear`` do (see :mod:`sing_jax.nn.init`); the default,
+``"by_activation"``, uses He-normal kernels before ReLU and Glorot for the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sing_jax.nn.init import check_model_init
 from sing_jax.nn.models._common import (
     ConvNormAct,
     check_input_channels,
@@ -38,8 +45,8 @@ class BasicBlock(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, stride: int, *,
                  norm: NormLike, shortcut: str, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs, **norm_kwargs: Any):
-        common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                 rngs: nnx.Rngs, init: str = "by_activation", **norm_kwargs: Any):
+        common = dict(norm=norm, init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                       **norm_kwargs)
         self.conv_norm1 = ConvNormAct(in_features, out_features, (3, 3), strides=stride,
                                       padding=_PAD1, activation="relu", **common)
@@ -84,8 +91,10 @@ class CifarResNet(nnx.Module):
 
     3x3 stem with 16 channels, three stages of ``n`` basic blocks with 16, 32, 64
     channels (stride 2 at the start of stages 2 and 3), global average pooling,
-    one linear classifier. ``shortcut="pad"`` is the paper's option A (0.27M
-    parameters for ResNet-20); ``"projection"`` uses 1x1 convs.
+    one linear classifier. ``shortcut="pad"`` is the paper's option A (269,722
+    parameters for ResNet-20); ``"projection"`` uses 1x1 conv (stride s, no bias) +
+    norm wherever the stride or the width changes (option B: 272,474 parameters, the
+    block of the seed 001 reference).
 
     Args:
       depth: ``6n + 2``.
@@ -94,15 +103,17 @@ class CifarResNet(nnx.Module):
       shortcut: ``"pad"`` or ``"projection"``.
       in_channels: input channels (3 for CIFAR).
       width: channels of the first stage (16).
+      init: ``"by_activation"`` or ``"pytorch_default"`` (:data:`sing_jax.nn.init.MODEL_INITS`).
       dtype, param_dtype: computation and parameter dtypes.
       rngs: random streams.
     """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, *, norm: NormLike = "batch",
                  shortcut: str = "pad", in_channels: int = 3, width: int = 16,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-                 **norm_kwargs: Any):
+                 init: str = "by_activation", dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
         check_norm_name(norm, "CifarResNet")
+        check_model_init(init, "CifarResNet")
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(
                 f"CifarResNet: depth={depth!r}; expected 6n + 2 with n >= 1 "
@@ -116,7 +127,7 @@ class CifarResNet(nnx.Module):
                             ("width", width)):
             check_positive_int("CifarResNet", name, value)
         n = (depth - 2) // 6
-        common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        common = dict(norm=norm, init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                       **norm_kwargs)
         self.in_channels = in_channels
         self.stem = ConvNormAct(in_channels, width, (3, 3), padding=_PAD1,
@@ -127,7 +138,7 @@ class CifarResNet(nnx.Module):
                         shortcut=shortcut, **common)
             for i, w in enumerate(widths)])
         self.head = head(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input_channels("CifarResNet", x, self.in_channels, 2)
@@ -139,7 +150,8 @@ class CifarResNet(nnx.Module):
 
 
 def resnet20(num_classes: int = 10, **kwargs: Any) -> CifarResNet:
-    """ResNet-20 for CIFAR (0.27M parameters for 10 classes with BatchNorm)."""
+    """ResNet-20 for CIFAR (0.27M parameters for 10 classes with BatchNorm; pass
+    ``shortcut="projection"`` for the seed 001 reference's block, 272,474)."""
     return CifarResNet(20, num_classes, **kwargs)
 
 
@@ -150,14 +162,16 @@ class ResNet18(nnx.Module):
     10 classes); ``variant="imagenet"``: 7x7 stride-2 stem and a 3x3 stride-2
     max-pool (11.69M for 1000 classes). Shortcuts that change shape are 1x1
     conv + norm projections. ``width`` (64) is the first stage's channel count;
-    the stages have ``width * (1, 2, 4, 8)``.
+    the stages have ``width * (1, 2, 4, 8)``. ``init``: ``"by_activation"`` or
+    ``"pytorch_default"``.
     """
 
     def __init__(self, num_classes: int = 10, *, variant: str = "cifar",
                  norm: NormLike = "batch", in_channels: int = 3, width: int = 64,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-                 **norm_kwargs: Any):
+                 init: str = "by_activation", dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
         check_norm_name(norm, "ResNet18")
+        check_model_init(init, "ResNet18")
         if variant not in ("cifar", "imagenet"):
             raise ValueError(
                 f"ResNet18: variant={variant!r}; allowed values: ('cifar', 'imagenet')."
@@ -165,7 +179,7 @@ class ResNet18(nnx.Module):
         check_positive_int("ResNet18", "num_classes", num_classes)
         check_positive_int("ResNet18", "in_channels", in_channels)
         check_positive_int("ResNet18", "width", width)
-        common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        common = dict(norm=norm, init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                       **norm_kwargs)
         self.in_channels = in_channels
         self.variant = variant
@@ -180,7 +194,8 @@ class ResNet18(nnx.Module):
             _make_stage(widths[max(i - 1, 0)], w, 2, 1 if i == 0 else 2,
                         shortcut="projection", **common)
             for i, w in enumerate(widths)])
-        self.head = head(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.head = head(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input_channels("ResNet18", x, self.in_channels, 2)

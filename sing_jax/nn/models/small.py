@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sing_jax.nn.init import init_for_activation
+from sing_jax.nn.init import check_model_init, layer_initializers
 from sing_jax.nn.layers import max_pool
 from sing_jax.nn.models._common import (
     ConvNormAct,
@@ -36,13 +36,16 @@ class MLP(nnx.Module):
       norm: a norm name/factory applied after each hidden linear ("none" by default).
       activation: a ``jax.nn`` activation name (kernels get its table initialiser).
       dropout_rate: dropout after each hidden activation (MC dropout uses it).
+      init: ``"by_activation"`` or ``"pytorch_default"`` (:mod:`sing_jax.nn.init`).
     """
 
     def __init__(self, in_features: int = 64, hidden: Sequence[int] = (128, 128),
                  num_classes: int = 10, *, norm: NormLike = "none",
-                 activation: str = "relu", dropout_rate: float = 0.0, dtype: Any = None,
+                 activation: str = "relu", dropout_rate: float = 0.0,
+                 init: str = "by_activation", dtype: Any = None,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
         check_norm_name(norm, "MLP")
+        check_model_init(init, "MLP")
         check_positive_int("MLP", "in_features", in_features)
         check_positive_int("MLP", "num_classes", num_classes)
         if not hasattr(jax.nn, activation):
@@ -55,10 +58,10 @@ class MLP(nnx.Module):
         features = in_features
         for width in hidden:
             check_positive_int("MLP", "hidden width", width)
+            kernel_init, bias_init = layer_initializers(init, activation, features)
             linears.append(nnx.Linear(features, width, use_bias=norm == "none",
-                                      kernel_init=init_for_activation(activation),
-                                      bias_init=nnx.initializers.zeros, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs))
+                                      kernel_init=kernel_init, bias_init=bias_init,
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs))
             norms.append(make_norm(norm, width, rngs=rngs, dtype=dtype,
                                    param_dtype=param_dtype, **norm_kwargs))
             features = width
@@ -66,7 +69,7 @@ class MLP(nnx.Module):
         self.norms = nnx.List(norms)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.head = head(features, num_classes, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
@@ -84,25 +87,27 @@ class MLP(nnx.Module):
 class SmallCNN(nnx.Module):
     """A small CNN for 8x8 digits: conv(32)-conv(32)-pool-conv(64)-pool, mean, linear.
 
-    Takes ``(B, 8, 8, C)`` (or ``(B, 8, 8)``, read as one channel).
+    Takes ``(B, 8, 8, C)`` (or ``(B, 8, 8)``, read as one channel). ``init``:
+    ``"by_activation"`` or ``"pytorch_default"``.
     """
 
     def __init__(self, num_classes: int = 10, *, in_channels: int = 1,
                  widths: tuple[int, int] = (32, 64), norm: NormLike = "batch",
-                 dropout_rate: float = 0.0, dtype: Any = None,
+                 dropout_rate: float = 0.0, init: str = "by_activation", dtype: Any = None,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
         check_norm_name(norm, "SmallCNN")
+        check_model_init(init, "SmallCNN")
         check_positive_int("SmallCNN", "num_classes", num_classes)
         check_positive_int("SmallCNN", "in_channels", in_channels)
-        common = dict(norm=norm, activation="relu", dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs, **norm_kwargs)
+        common = dict(norm=norm, activation="relu", init=init, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs, **norm_kwargs)
         self.in_channels = in_channels
         self.conv1 = ConvNormAct(in_channels, widths[0], (3, 3), **common)
         self.conv2 = ConvNormAct(widths[0], widths[0], (3, 3), **common)
         self.conv3 = ConvNormAct(widths[0], widths[1], (3, 3), **common)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.head = head(widths[1], num_classes, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim == 3:
@@ -119,18 +124,20 @@ class CNN1D(nnx.Module):
 
     Three stride-2 conv-norm-ReLU layers (kernels 5, 3, 3), flatten, linear.
 
-    Takes ``(B, L)`` or ``(B, L, C)``; ``L`` must equal ``length``.
+    Takes ``(B, L)`` or ``(B, L, C)``; ``L`` must equal ``length``. ``init``:
+    ``"by_activation"`` or ``"pytorch_default"``.
     """
 
     def __init__(self, num_classes: int = 10, *, length: int = 40, in_channels: int = 1,
                  width: int = 32, norm: NormLike = "batch", dropout_rate: float = 0.0,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-                 **norm_kwargs: Any):
+                 init: str = "by_activation", dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
         check_norm_name(norm, "CNN1D")
+        check_model_init(init, "CNN1D")
         for name, value in (("num_classes", num_classes), ("length", length),
                             ("in_channels", in_channels), ("width", width)):
             check_positive_int("CNN1D", name, value)
-        common = dict(norm=norm, activation="relu", strides=2, dtype=dtype,
+        common = dict(norm=norm, activation="relu", strides=2, init=init, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs, **norm_kwargs)
         self.in_channels = in_channels
         self.length = length
@@ -146,7 +153,7 @@ class CNN1D(nnx.Module):
             raise ValueError(f"CNN1D: length={length} is too short for three stride-2 convs.")
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.head = head(out_length * width, num_classes, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim == 2:

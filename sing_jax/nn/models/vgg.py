@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sing_jax.nn.init import check_model_init
 from sing_jax.nn.layers import max_pool
 from sing_jax.nn.models._common import (
     ConvNormAct,
@@ -36,14 +37,18 @@ class VGG(nnx.Module):
       num_classes: classifier outputs.
       norm: a :func:`~sing_jax.nn.make_norm` name or factory ("batch" is VGG-16-BN).
       in_channels: input channels.
+      init: ``"by_activation"`` (He-normal convs, Glorot classifier, zero biases) or
+        ``"pytorch_default"`` (PyTorch's ``nn.Conv2d``/``nn.Linear`` defaults).
       dtype, param_dtype: computation and parameter dtypes.
       rngs: random streams.
     """
 
     def __init__(self, config: tuple = VGG16_CONFIG, num_classes: int = 10, *,
-                 norm: NormLike = "batch", in_channels: int = 3, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, **norm_kwargs: Any):
+                 norm: NormLike = "batch", in_channels: int = 3, init: str = "by_activation",
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 **norm_kwargs: Any):
         check_norm_name(norm, "VGG")
+        check_model_init(init, "VGG")
         check_positive_int("VGG", "num_classes", num_classes)
         check_positive_int("VGG", "in_channels", in_channels)
         layers: list[Any] = []
@@ -54,13 +59,13 @@ class VGG(nnx.Module):
                 continue
             check_positive_int("VGG", "config entry", item)
             layers.append(ConvNormAct(features, item, (3, 3), padding=((1, 1), (1, 1)),
-                                      norm=norm, activation="relu", dtype=dtype,
+                                      norm=norm, activation="relu", init=init, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs, **norm_kwargs))
             features = item
         self.in_channels = in_channels
         self.features = nnx.List(layers)
         self.head = head(features, num_classes, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input_channels("VGG", x, self.in_channels, 2)
