@@ -4,7 +4,7 @@
 one of the table's rows (:data:`TABLE`) and norm ``layer`` or ``learnable_scaler``.
 
 The recipe is the published command as the reference's timm fork runs it (spec
-section 7; ``docs/reproducing_seed004_seed000.md`` lists every item):
+section 7; ``docs/reproducing.md`` lists every item):
 
 - LAMB as timm's ``Lamb``: lr 0.005 for every row (the command's ``--lr``; the
   seed's prose suggests 0.003-0.004 for LearnableScaler, but the table was made
