@@ -29,8 +29,8 @@ def _split_digests(data_dir, split):
     """Digest of every example of our split, read directly from TFDS (the ground truth)."""
     from sing_jax.data import pipeline
 
-    sources = pipeline._sources("digits", str(data_dir))
-    source, indices = pipeline._split_source("digits", split, sources, None)
+    sources = pipeline.tfds_sources("digits", str(data_dir))
+    source, indices = pipeline.split_source("digits", split, sources, None)
     return collections.Counter(
         _digest(np.asarray(source[int(i)]["image"], np.float32) / 16) for i in indices
     )
@@ -124,13 +124,13 @@ def test_keep_partial_batch_pads_the_last_batch_of_each_epoch(data_dir):
 
 
 def test_validation_rounding_floor_is_the_references_int():
-    from sing_jax.data.pipeline import _split_indices
+    from sing_jax.data.pipeline import split_indices
 
-    assert len(_split_indices(73257, 0.05, "floor")[1]) == 3662  # SVHN: int(3662.85)
-    assert len(_split_indices(73257, 0.05, "round")[1]) == 3663
-    assert len(_split_indices(50000, 0.05, "floor")[1]) == 2500  # CIFAR: exact either way
+    assert len(split_indices(73257, 0.05, "floor")[1]) == 3662  # SVHN: int(3662.85)
+    assert len(split_indices(73257, 0.05, "round")[1]) == 3663
+    assert len(split_indices(50000, 0.05, "floor")[1]) == 2500  # CIFAR: exact either way
     with pytest.raises(ValueError, match="validation_rounding='ceil'"):
-        _split_indices(10, 0.5, "ceil")
+        split_indices(10, 0.5, "ceil")
 
 
 def test_validation_rounding_in_the_pipeline(data_dir):

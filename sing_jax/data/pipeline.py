@@ -202,7 +202,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
     return os.environ.get("SING_JAX_DATA_DIR") or None
 
 
-def _sources(name: str, data_dir: str | None):
+def tfds_sources(name: str, data_dir: str | None):
     """The TFDS random-access sources of ``name``, building embedded datasets on first use."""
     import tensorflow_datasets as tfds
 
@@ -228,7 +228,7 @@ def _sources(name: str, data_dir: str | None):
         ) from err
 
 
-def _split_indices(num_train: int, fraction: float, rounding: str = "round"
+def split_indices(num_train: int, fraction: float, rounding: str = "round"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (seed 0) hold-out of ``round(fraction N)`` (or ``int(fraction N)``) train
     examples as validation."""
@@ -241,7 +241,7 @@ def _split_indices(num_train: int, fraction: float, rounding: str = "round"
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
-def _split_source(name: str, split: str, sources, validation_fraction: float | None,
+def split_source(name: str, split: str, sources, validation_fraction: float | None,
                   validation_rounding: str = "round"):
     """``(tfds_source, indices)`` of one of our splits."""
     if split not in SPLITS:
@@ -254,7 +254,7 @@ def _split_source(name: str, split: str, sources, validation_fraction: float | N
         source = sources[spec.test_split]
         return source, np.arange(len(source))
     source = sources[spec.train_split]
-    train_idx, val_idx = _split_indices(len(source), fraction, validation_rounding)
+    train_idx, val_idx = split_indices(len(source), fraction, validation_rounding)
     return source, (train_idx if split == "train" else val_idx)
 
 
@@ -266,7 +266,7 @@ def get_info(
     validation_rounding: str = "round",
 ) -> DatasetInfo:
     """Metadata of ``name`` (building an embedded dataset on first use)."""
-    return _info(name, _sources(name, _resolve_data_dir(data_dir)), validation_fraction,
+    return _info(name, tfds_sources(name, _resolve_data_dir(data_dir)), validation_fraction,
                  validation_rounding)
 
 
@@ -274,7 +274,7 @@ def _info(name: str, sources, validation_fraction: float | None,
           validation_rounding: str = "round") -> DatasetInfo:
     spec = _spec(name)
     counts = {
-        split: len(_split_source(name, split, sources, validation_fraction,
+        split: len(split_source(name, split, sources, validation_fraction,
                                  validation_rounding)[1])
         for split in SPLITS
     }
@@ -590,8 +590,8 @@ def get_pipeline(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     train = (split == "train") if train is None else train
-    sources = _sources(name, _resolve_data_dir(data_dir))
-    source, indices = _split_source(name, split, sources, validation_fraction,
+    sources = tfds_sources(name, _resolve_data_dir(data_dir))
+    source, indices = split_source(name, split, sources, validation_fraction,
                                     validation_rounding)
     info = dataclasses.replace(_info(name, sources, validation_fraction, validation_rounding),
                                spec=spec)
