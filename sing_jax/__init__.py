@@ -44,14 +44,21 @@ from sing_jax._src.standardize import (
 from sing_jax._src.singd import (
     LayerCapture,
     LayerCurvature,
+    LayerInfo,
+    LayerPreconditioner,
+    SINGDMultiStepsState,
     SINGDState,
+    SINGDValueAndGrad,
     accumulate_singd_stats,
     capture_value_and_grad,
     singd,
     singd_curvature,
+    singd_layers,
     singd_multi_steps,
     singd_report,
+    singd_state,
     singd_value_and_grad,
+    singd_value_and_grad_split,
 )
 from sing_jax._src.singd import structures as singd_structures
 

@@ -18,9 +18,7 @@ Safety:
   with a ValueError naming the differing keys; nothing is written. ``overwrite=True``
   deletes its checkpoints and metrics first.
 - a checkpoint whose arrays do not match the state (another model or optimizer) is a
-  ValueError naming the first differing leaf. SINGD's kept products ``S S^T`` are
-  derived from its factors: where a checkpoint keeps other ones than the state
-  (``cache_outer_products``, or an earlier version's choice), they are formed anew.
+  ValueError naming the first differing leaf.
 - a latest checkpoint that cannot be read (a crash while writing, a truncated file)
   is skipped with a warning and the previous one is restored.
 """
@@ -130,48 +128,6 @@ def _shape_dtype(x: Any) -> Any:
                                 sharding=getattr(x, "sharding", None))
 
 
-def _map_singd_layers(fn: Any, tree: Any, *rest: Any) -> Any:
-    """``fn(path_name, layer, *rest_layers)`` on every SINGD layer state in ``tree``."""
-    from sing_jax._src.singd.transform import LayerPreconditioner
-
-    def is_layer(x):
-        return isinstance(x, LayerPreconditioner)
-
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x, *r: fn(path_str(path), x, *r) if is_layer(x) else x,
-        tree, *rest, is_leaf=is_layer)
-
-
-def _kept_products_as_stored(abstract: dict[str, Any], stored_names: Mapping[str, Any],
-                             ) -> dict[str, Any]:
-    """``abstract`` with every SINGD layer keeping ``K K^T`` / ``C C^T`` where the
-    checkpoint does (children 4 and 5 of a layer's state). Those products are derived
-    from the factors, so a checkpoint written with other ones (another
-    ``cache_outer_products``, another version's choice of which factors keep one)
-    restores; :func:`_kept_products_as_template` forms the ones the template keeps."""
-
-    def as_stored(name, layer):
-        keep_k, keep_c = f"{name}/4" in stored_names, f"{name}/5" in stored_names
-        if (keep_k, keep_c) == (layer.config.cache_k_outer, layer.config.cache_c_outer):
-            return layer
-        try:
-            return layer.with_kept_products(keep_k, keep_c)
-        except ValueError:  # not a dense factor: the shape check reports the mismatch
-            return layer
-
-    return _map_singd_layers(as_stored, abstract)
-
-
-def _kept_products_as_template(restored: dict[str, Any], template: dict[str, Any],
-                               ) -> dict[str, Any]:
-    def as_template(name, layer, template_layer):
-        del name
-        return layer.with_kept_products(template_layer.config.cache_k_outer,
-                                        template_layer.config.cache_c_outer)
-
-    return _map_singd_layers(as_template, restored, template)
-
-
 class Checkpointer:
     """Saves and restores :class:`TrainState` checkpoints in ``workdir/checkpoints``.
 
@@ -262,15 +218,17 @@ class Checkpointer:
                     f"{tuple(np.shape(leaf))} now. Use another workdir or --overwrite.")
         extra = set(stored_flat) - {path_str(p) for p, _ in template_flat}
         if extra:
-            raise mismatch(f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another "
-                           "workdir or --overwrite.")
+            raise mismatch(
+                f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another workdir or "
+                "--overwrite. (A SINGD state written by sing_jax up to commit d3dbb32 keeps "
+                "S S^T, children 4 and 5 of a layer, for more dense factors at T=1; such a "
+                "checkpoint restores with that version: finish its run with it.)")
 
     def restore(self, template: TrainState, step: int | None = None) -> TrainState | None:
         """The latest readable checkpoint (or ``step``) restored into ``template``'s layout.
 
         An unreadable latest checkpoint is skipped with a warning (the previous one
-        is tried); a checkpoint that does not match the template's structure raises
-        (SINGD's kept products ``S S^T`` excepted: they are re-formed from the factors).
+        is tried); a checkpoint that does not match the template's structure raises.
         Returns None when there is no checkpoint.
         """
         self.manager.reload()
@@ -289,19 +247,15 @@ class Checkpointer:
                 failures.append((candidate, e))
                 self._warn_fallback(candidate, e, steps)
                 continue
-            layout = abstract if stored is None else _kept_products_as_stored(abstract, stored)
-            self._check_matches(candidate, layout, stored)
+            self._check_matches(candidate, abstract, stored)
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(layout), data=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
             except Exception as e:  # a truncated or missing file in the checkpoint
                 failures.append((candidate, e))
                 self._warn_fallback(candidate, e, steps)
                 continue
-            arrays = restored["state"]
-            if stored is not None:
-                arrays = _kept_products_as_template(arrays, abstract)
-            return template.with_arrays(arrays).replace(
+            return template.with_arrays(restored["state"]).replace(
                 data_state=restored["data"]["data_state"])
         if failures:
             raise ValueError(
