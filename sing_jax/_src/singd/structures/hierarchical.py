@@ -114,9 +114,8 @@ class HierarchicalMatrix(StructuredMatrix):
                                 from_mid[n1:] + self.e @ z_bot], axis=0)
 
     def right_outer_matmat(self, mat: Array) -> Array:
-        # Y S S^T = (S S^T Y^T)^T as outer_matmat, on column slices of Y. Going
-        # through Y^T has XLA:CPU scale row slices of Y^T in fusions that transpose
-        # as they go (2.6 ms for a 1024x785 Y, most of the MLP step's preconditioner).
+        # Y S S^T = (S S^T Y^T)^T as outer_matmat does it, on column slices of Y: Y
+        # (the kernel's (d_in, d_out) layout) is never transposed.
         n1, nm, _ = self._sizes
         left, mid, right = mat[:, :n1], mat[:, n1:n1 + nm], mat[:, n1 + nm:]
         b_e = self.b[:, nm:]
