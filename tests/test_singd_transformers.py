@@ -241,11 +241,20 @@ def run_block_parity(ref_structure, ours, cfg, steps, x64):
                               preconditioner_dtype=(None, None), **cfg)
     tx = sing_jax.singd(0.1, damping=1e-3, structures=(ours,) * 2, preconditioner_dtype=None,
                         other=None, layers=sing_jax.singd_layers(jnet), **cfg)
-    state = tx.init(nnx.state(jnet, nnx.Param))
+    graphdef, params, rest = nnx.split(jnet, nnx.Param, ...)
+    state = tx.init(params)
     rng = np.random.default_rng(0)
 
     def loss_jax(model, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    @jax.jit
+    def step(params, state, x, y):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        (_, grads), stats = sing_jax.singd_value_and_grad(loss_jax, model, x, y,
+                                                          opt_state=state)
+        updates, state = tx.update(grads, state, params, singd_stats=stats)
+        return optax.apply_updates(params, updates), state
 
     history = []
     for _ in range(steps):
@@ -256,13 +265,11 @@ def run_block_parity(ref_structure, ours, cfg, steps, x64):
             torch.nn.functional.cross_entropy(tnet(torch.tensor(xb, dtype=tdtype)),
                                               torch.tensor(yb)).backward()
             ref.step()
-        (_, grads), stats = sing_jax.singd_value_and_grad(
-            loss_jax, jnet, jnp.asarray(xb, jdtype), jnp.asarray(yb), opt_state=state)
-        params = nnx.state(jnet, nnx.Param)
-        updates, state = tx.update(grads, state, params, singd_stats=stats)
-        nnx.update(jnet, optax.apply_updates(params, updates))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the LayerNorms go to `other` (None here)
+            params, state = step(params, state, jnp.asarray(xb, jdtype), jnp.asarray(yb))
         ours_layers = {lp.config.path: lp for lp in sing_jax.singd_state(state).layers}
-        current = nnx.to_pure_dict(nnx.state(jnet, nnx.Param))
+        current = nnx.to_pure_dict(params)
         snap = []
         for path, name in LAYERS.items():
             lp = ours_layers[path]
