@@ -26,7 +26,10 @@ diagonal), or the Gram matrix :math:`A^\top A` itself, taken from the rows when
 there are few of them. Conv patches are :math:`(C_{in}, k_H, k_W)`-ordered (PyTorch's
 ``weight.flatten(1)``); grouped convolutions average the input channels over groups
 (one :math:`K` for all groups). The Gram matrix of a stride-1 KFAC-expand
-convolution is taken without unfolding (:func:`conv_gram_by_offsets`).
+convolution is taken without unfolding (:func:`conv_gram_by_offsets`); a
+block-diagonal factor takes it that way where that costs fewer multiply-adds than
+its blocks from the unfolded patches. Every choice here counts multiply-adds; none
+depends on the backend.
 """
 
 from __future__ import annotations
@@ -349,13 +352,28 @@ def input_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
 
 
 # -- the curvature ----------------------------------------------------------------------------
+def _offsets_cost_per_row(info: LayerInfo) -> int:
+    """Multiply-adds per output position of :func:`conv_gram_by_offsets`."""
+    channels = info.unstacked_shape[2]
+    return (len(_half_plane_offsets(*info.unstacked_shape[:2])) * channels
+            * (channels + int(info.has_bias)))
+
+
 def _input_curvature(factor: StructuredMatrix, capture: LayerCapture, kfac_approx: str,
                      dtype: Any) -> StructuredMatrix:
     statistic = factor.input_statistic
     if statistic == "square_sums":
         return factor.from_square_sums(input_square_sums(capture, kfac_approx, dtype))
-    if _gram_by_offsets(capture.info, kfac_approx) or (
-            statistic == "gram" and factor.uses_gram(num_input_rows(capture, kfac_approx))):
+    info = capture.info
+    if statistic == "block_gram":
+        # Its diagonal blocks take d b multiply-adds per row of unfolded patches: the
+        # whole Gram by offsets only where that takes fewer.
+        by_offsets = _gram_by_offsets(info, kfac_approx) and (
+            _offsets_cost_per_row(info) <= factor.dim * factor.block_size)
+    else:
+        by_offsets = _gram_by_offsets(info, kfac_approx)
+    if by_offsets or (statistic == "gram"
+                      and factor.uses_gram(num_input_rows(capture, kfac_approx))):
         return factor.from_gram(input_gram(capture, kfac_approx, dtype))
     return factor.from_inner_rows(input_matrix(capture, kfac_approx, dtype))
 
