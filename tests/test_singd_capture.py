@@ -435,6 +435,30 @@ def test_stride_one_conv_gram_equals_the_gram_of_the_patches(kernel, padding, di
                                rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strides, hw, structure", [
+    (1, 32, "dense"),  # the Gram by shifted products
+    (2, 64, "dense"),  # the Gram of the unfolded patches
+    (2, 64, "block_diagonal"),  # the diagonal blocks of the unfolded patches
+])
+def test_conv_statistics_of_a_large_batch_equal_those_of_the_patches(strides, hw, structure):
+    """Sums over 16 images that the CPU path takes a few images at a time (patches of
+    0.6-0.9 MB an image) equal the statistic of all the patches at once."""
+    conv = nnx.Conv(16, 4, (3, 3), strides=strides, rngs=nnx.Rngs(0))
+    model = Only(conv)
+    x = jax.random.normal(jax.random.key(9), (16, hw, hw, 16))
+    _, _, caps = sing_jax.capture_value_and_grad(lambda m, x: jnp.sum(m(x)), model, x)
+    p = patches(x, caps["layer"].info)
+    rows = jnp.concatenate([p.reshape(-1, p.shape[-1]), jnp.ones((p[..., 0].size, 1))], 1)
+    want = rows.T @ rows / rows.shape[0]
+    spec = sing_jax.singd_structures.structure(structure, block_size=30) if (
+        structure == "block_diagonal") else structure
+    got = identity_curvature(model, caps, structure=spec)["layer"][0]
+    if structure == "block_diagonal":
+        mask = np.equal.outer(np.arange(145) // 30, np.arange(145) // 30)
+        want = want * mask
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_layers_raise_naming_them():
     def capture(layer, x):
         return sing_jax.capture_value_and_grad(lambda m, x: jnp.sum(m(x)), Only(layer), x)

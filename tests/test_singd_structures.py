@@ -219,3 +219,17 @@ def test_curvature_from_rows_and_from_the_gram_matrix_equal_from_inner(num_rows)
     diagonal = S.DiagonalMatrix(jnp.asarray(rng.normal(size=9), jnp.float32))
     np.testing.assert_allclose(diagonal.from_square_sums(jnp.sum(x * x, axis=1)).to_dense(),
                                diagonal.from_inner(x).to_dense(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric_blocks", [False, True])
+def test_block_diagonal_right_products_equal_the_textbook_form(symmetric_blocks):
+    # Y (S S^T) = ((S S^T)^T Y^T)^T: on CPU taken one column block of Y at a time.
+    rng = np.random.default_rng(4)
+    block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
+                                             block_size=3, symmetric_blocks=symmetric_blocks)
+    y = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    outer = block.matmat(block.rmatmat(jnp.eye(11, dtype=jnp.float32)))  # S S^T, dense
+    np.testing.assert_allclose(block.right_outer_matmat(y), (outer.T @ y.T).T, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(block.right_outer_matmat)(y), y @ outer, rtol=1e-5,
+                               atol=1e-5)

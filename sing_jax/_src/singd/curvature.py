@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,6 +47,7 @@ import numpy as np
 from sing_jax._src.singd.capture import LayerCapture
 from sing_jax._src.singd.layers import LayerInfo
 from sing_jax._src.singd.structures import StructuredMatrix
+from sing_jax._src.singd.structures.block_diagonal import row_gram_blocks
 
 Array = jax.Array
 
@@ -185,6 +187,43 @@ def _offset_gram_plan(info: LayerInfo, in_hw: tuple[int, int]) -> _OffsetGramPla
                            block_transposed, out_h * out_w)
 
 
+# On CPU the statistics that are sums over images (a stride-1 convolution's Gram by
+# offsets, the Gram or diagonal blocks of unfolded patches) are summed a few images at
+# a time, in a lax.scan over chunks of the batch whose shifted or unfolded input stays
+# in cache; other backends take the whole batch at once. bench_singd's CNN, T=1 (one
+# quiet 2-core VM, interleaved): see docs/singd.md.
+CPU_CHUNK_BYTES = 6 * 2**20
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    return max(k for k in range(1, min(n, max(bound, 1)) + 1) if n % k == 0)
+
+
+def _chunked_sum(chunk_sum: Callable[[Array], Any], x: Array, per_image_bytes: int) -> Any:
+    """``chunk_sum(x)`` (additive over the batch axis) summed over chunks of at most
+    :data:`CPU_CHUNK_BYTES` of work each, where the batch divides into such chunks."""
+    batch = x.shape[0]
+    images = _largest_divisor_at_most(batch, CPU_CHUNK_BYTES // max(per_image_bytes, 1))
+    if images == batch:
+        return chunk_sum(x)
+    chunks = x.reshape((batch // images, images) + x.shape[1:])
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(chunk_sum, chunks[0]))
+
+    def add_chunk(acc, xc):
+        return jax.tree.map(jnp.add, acc, chunk_sum(xc)), None
+
+    return jax.lax.scan(add_chunk, total, chunks)[0]
+
+
+def sum_over_images(chunk_sum: Callable[[Array], Any], x: Array,
+                    per_image_bytes: int) -> Any:
+    """``chunk_sum(x)`` for a ``chunk_sum`` additive over the batch (first) axis: in one
+    piece (the textbook form), on CPU over chunks of the batch (the same sum)."""
+    return jax.lax.platform_dependent(
+        x, cpu=lambda x: _chunked_sum(chunk_sum, x, per_image_bytes), default=chunk_sum)
+
+
 def conv_gram_by_offsets(x: Array, info: LayerInfo, scale: float) -> Array:
     r"""``scale**2`` times the Gram matrix of the ``[patches | 1]`` rows of a stride-1
     convolution's ``(B, H, W, C)`` input (groups averaged), without unfolding.
@@ -212,19 +251,24 @@ def conv_gram_by_offsets(x: Array, info: LayerInfo, scale: float) -> Array:
     dh, dw = info.dilation
     plan = _offset_gram_plan(info, (height, width))
     num_offsets = len(plan.offsets)
-    x = x * jnp.asarray(scale, x.dtype)
-    # zeros past the input: every shifted position is a slice of this
-    padded = jnp.pad(x, ((0, 0), (0, (kh - 1) * dh), ((kw - 1) * dw,) * 2, (0, 0)))
-    shifted = jnp.concatenate(
-        [padded[:, a * dh:a * dh + height, (kw - 1 + b) * dw:(kw - 1 + b) * dw + width]
-         for a, b in plan.offsets], axis=-1)
-    left = x
-    if info.has_bias:
-        left = jnp.concatenate([x, jnp.full(x.shape[:3] + (1,), scale, x.dtype)], axis=-1)
-    cells = jnp.stack([
-        left[:, y0:y1, x0:x1].reshape(-1, left.shape[-1]).T
-        @ shifted[:, y0:y1, x0:x1].reshape(-1, num_offsets * channels)
-        for y0, y1, x0, x1 in plan.cells])
+
+    def cell_sums(x):  # one product per cell, over these images
+        x = x * jnp.asarray(scale, x.dtype)
+        # zeros past the input: every shifted position is a slice of this
+        padded = jnp.pad(x, ((0, 0), (0, (kh - 1) * dh), ((kw - 1) * dw,) * 2, (0, 0)))
+        shifted = jnp.concatenate(
+            [padded[:, a * dh:a * dh + height, (kw - 1 + b) * dw:(kw - 1 + b) * dw + width]
+             for a, b in plan.offsets], axis=-1)
+        left = x
+        if info.has_bias:
+            left = jnp.concatenate([x, jnp.full(x.shape[:3] + (1,), scale, x.dtype)], axis=-1)
+        return jnp.stack([
+            left[:, y0:y1, x0:x1].reshape(-1, left.shape[-1]).T
+            @ shifted[:, y0:y1, x0:x1].reshape(-1, num_offsets * channels)
+            for y0, y1, x0, x1 in plan.cells])
+
+    cells = sum_over_images(cell_sums, x, height * width * num_offsets * channels
+                            * x.dtype.itemsize)
     rects = jnp.einsum("tk,kf->tf", jnp.asarray(plan.tap_cells, x.dtype),
                        cells.reshape(cells.shape[0], -1))
     num_taps = len(plan.tap_cells)
@@ -323,16 +367,50 @@ def _gram_by_offsets(info: LayerInfo, kfac_approx: str) -> bool:
             and all(s == 1 for s in info.strides))
 
 
+def _patch_statistic(capture: LayerCapture, kfac_approx: str, dtype: Any,
+                     statistic: Callable[[Array], Any]) -> Any:
+    """``statistic(A)`` of a KFAC-expand convolution, for a statistic that is a sum
+    over the rows of :math:`A` (the unfolded patches), image by image summable."""
+    info = capture.info
+    scale = 1.0 / math.sqrt(num_input_rows(capture, kfac_approx))
+
+    def of_images(x):
+        rows = _with_bias_column(_call_input_rows(x, info, None).reshape(
+            -1, info.unstacked_shape[2] * math.prod(info.unstacked_shape[:2])), info)
+        return statistic(rows * jnp.asarray(scale, rows.dtype))
+
+    totals = []
+    for x in capture.inputs:
+        x = _in_dtype(x, dtype)
+        per_image = jax.eval_shape(lambda x: conv_patches(x[:1], info), x)
+        totals.append(sum_over_images(of_images, x, math.prod(per_image.shape)
+                                      * x.dtype.itemsize))
+    return jax.tree.map(lambda *t: sum(t[1:], t[0]), *totals)
+
+
 def input_gram(capture: LayerCapture, kfac_approx: str = "expand",
                dtype: Any = None) -> Array:
     r""":math:`A^\top A` of one (unstacked) layer."""
     info = capture.info
-    if not _gram_by_offsets(info, kfac_approx):
-        a = input_matrix(capture, kfac_approx, dtype)
-        return a.T @ a
-    scale = 1.0 / math.sqrt(num_input_rows(capture, kfac_approx))
-    grams = [conv_gram_by_offsets(_in_dtype(x, dtype), info, scale) for x in capture.inputs]
-    return sum(grams[1:], grams[0])
+    if _gram_by_offsets(info, kfac_approx):
+        scale = 1.0 / math.sqrt(num_input_rows(capture, kfac_approx))
+        grams = [conv_gram_by_offsets(_in_dtype(x, dtype), info, scale)
+                 for x in capture.inputs]
+        return sum(grams[1:], grams[0])
+    if info.kind == "conv" and kfac_approx == "expand":
+        return _patch_statistic(capture, kfac_approx, dtype, lambda a: a.T @ a)
+    a = input_matrix(capture, kfac_approx, dtype)
+    return a.T @ a
+
+
+def input_gram_blocks(capture: LayerCapture, block_size: int, kfac_approx: str = "expand",
+                      dtype: Any = None) -> tuple[Array, Array]:
+    r"""The diagonal blocks of :math:`A^\top A` (blocks of ``block_size``, and the
+    remainder block) of one (unstacked) layer."""
+    if capture.info.kind == "conv" and kfac_approx == "expand":
+        return _patch_statistic(capture, kfac_approx, dtype,
+                                lambda a: row_gram_blocks(a, block_size))
+    return row_gram_blocks(input_matrix(capture, kfac_approx, dtype), block_size)
 
 
 def input_square_sums(capture: LayerCapture, kfac_approx: str = "expand",
@@ -375,6 +453,9 @@ def _input_curvature(factor: StructuredMatrix, capture: LayerCapture, kfac_appro
     if by_offsets or (statistic == "gram"
                       and factor.uses_gram(num_input_rows(capture, kfac_approx))):
         return factor.from_gram(input_gram(capture, kfac_approx, dtype))
+    if statistic == "block_gram":
+        return factor.from_gram_blocks(*input_gram_blocks(capture, factor.block_size,
+                                                          kfac_approx, dtype))
     return factor.from_inner_rows(input_matrix(capture, kfac_approx, dtype))
 
 

@@ -105,14 +105,22 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return self._blockwise(*self._outer_blocks(), mat, transpose=False)
 
     def right_outer_matmat(self, mat: Array) -> Array:
-        # Y (S S^T) on column blocks of Y, with the blocks of S S^T formed first.
+        # Y (S S^T) with the blocks M_i of S S^T formed first: (M^T Y^T)^T on row blocks
+        # of Y^T; on CPU one product per column block of Y, which skips the transposes
+        # (bench_singd's 1024 x 1025 gradient, quiet 2-core VM: 3.2 against 4.0 ms).
         blocks, last = self._outer_blocks()
         n, _ = self._split
         b = self.block_size
-        nb = n * b
-        head = mat[:, :nb].reshape(mat.shape[0], n, b)
-        out_head = jnp.einsum("mni,nij->mnj", head, blocks).reshape(mat.shape[0], nb)
-        return jnp.concatenate([out_head, mat[:, nb:] @ last], axis=1)
+
+        def by_row_blocks(mat, blocks, last):
+            return self._blockwise(blocks, last, mat.T, transpose=True).T
+
+        def by_column_blocks(mat, blocks, last):
+            heads = [mat[:, i * b:(i + 1) * b] @ blocks[i] for i in range(n)]
+            return jnp.concatenate([*heads, mat[:, n * b:] @ last], axis=1)
+
+        return jax.lax.platform_dependent(mat, blocks, last, cpu=by_column_blocks,
+                                          default=by_row_blocks)
 
     def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
         self._check_same(other)
