@@ -1,10 +1,14 @@
-"""Benchmark: SINGD train-step time and preconditioner memory, ours vs optax SGD vs PyTorch.
+"""Benchmark: SINGD train-step time and preconditioner memory, ours vs optax SGD and
+AdamW vs PyTorch.
 
-Models (batch 128): an MLP 784-1024-1024-10 and a small CNN (3 conv + 2 dense on
-32x32x3). For each structure and T, the full jitted train step (forward, backward,
-capture, preconditioner refresh every T steps, update; buffers donated) is timed
-against ``optax.sgd(momentum=0.9)`` on the same model and against the PyTorch
-``singd`` package (if installed) on the same architecture, in the same process.
+Models: an MLP 784-1024-1024-10 and a small CNN (3 conv + 2 dense on 32x32x3), batch
+128; a ViT-Tiny (width 192, 12 blocks, 3 heads, MLP 768; Flax's
+``nnx.MultiHeadAttention``, scanned blocks) on 32x32x3 with 8x8 patches, batch 32.
+For each structure and T, the full jitted train step (forward, backward, capture,
+preconditioner refresh every T steps, update; buffers donated) is timed against
+``optax.sgd(momentum=0.9)`` (and, for the ViT, ``optax.adamw``) on the same model and
+against the PyTorch ``singd`` package (if installed; MLP and CNN) on the same
+architecture, in the same process.
 Ours, SGD and PyTorch are timed interleaved, window by window, so that machine
 noise hits them alike: per step, the median over ``--repeats`` rounds of windows of
 at least ``--window`` steps (whole periods of ``T``), after a warm-up window each.
@@ -15,11 +19,12 @@ preconditioner state (K, C, m_K, m_C) in bytes.
 
     python experiments/bench_singd.py                 # everything (a few minutes)
     python experiments/bench_singd.py --quick         # CNN only, fewer structures
-    python experiments/bench_singd.py --pieces        # per layer: curvature, factor
-                                                      # update, natural gradient alone
+    python experiments/bench_singd.py --pieces        # per layer: curvature and
+                                                      # natural gradient alone
 
 The last line is the headline ratio: our T=1 step over the PyTorch step (worst
-structure, CNN), and our diagonal T=10 step over SGD.
+structure, CNN), our diagonal T=10 step over SGD (CNN), and our dense T=10 step
+over AdamW (ViT-Tiny).
 
 CPU settings, the same for our SINGD and the SGD baseline: the CNN pools with
 :func:`sing_jax.nn.max_pool` (same values as ``nnx.max_pool``, a cheaper gradient),
@@ -65,6 +70,13 @@ STRUCTURES = {  # ours -> PyTorch reference name
     "tril_toeplitz": "triltoeplitz",
 }
 BATCH = 128
+VIT_BATCH = 32
+
+
+def vit_tiny(rngs):
+    return sing_jax.nn.models.ViT(10, image_size=32, patch_size=8, embed_dim=192, depth=12,
+                                  num_heads=3, attention="mha", scan_blocks=True,
+                                  attn_extra_loss_layers=0, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -107,12 +119,13 @@ def torch_model(name):
 
 
 def model_of(name):
-    """The benchmark's ``"mlp"`` or ``"cnn"``, initialised from seed 0."""
-    return (MLP if name == "mlp" else CNN)(nnx.Rngs(0))
+    """The benchmark's ``"mlp"``, ``"cnn"`` or ``"vit"`` (ViT-Tiny), initialised from seed 0."""
+    return {"mlp": MLP, "cnn": CNN, "vit": vit_tiny}[name](nnx.Rngs(0))
 
 
-def data(name, seed=0, batch=BATCH):
+def data(name, seed=0, batch=None):
     rng = np.random.default_rng(seed)
+    batch = batch or (VIT_BATCH if name == "vit" else BATCH)
     shape = (batch, 28, 28, 1) if name == "mlp" else (batch, 32, 32, 3)
     return rng.normal(size=shape).astype(np.float32), rng.integers(0, 10, batch)
 
@@ -148,7 +161,8 @@ def singd_train_step(model, structure, T, x, y):
     ``(step, carry, fixed, preconditioner bytes)``, where ``step(*carry, *fixed)``
     returns ``(*new carry, loss)`` and donates the carry (parameters, optimizer state)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = sing_jax.singd(1e-2, T=T, structures=(structure, structure))
+    tx = sing_jax.singd(1e-2, T=T, structures=(structure, structure),
+                        layers=sing_jax.singd_layers(model))
     state = jax.jit(tx.init)(params)  # one compilation, not one per leaf shape
 
     def step(params, opt_state, rest, x, y):
@@ -184,11 +198,15 @@ def ours_window(name, structure, T, steps):
     return jax_window(step, carry, fixed, steps), nbytes
 
 
+def baseline_window(name, steps, tx):
+    """An optax optimizer on the same model: a window of ``steps`` steps."""
+    x, y = (jnp.asarray(a) for a in data(name))
+    return jax_window(*optax_train_step(model_of(name), tx, x, y), steps)
+
+
 def sgd_window(name, steps):
     """``optax.sgd(momentum=0.9)`` on the same model: a window of ``steps`` steps."""
-    x, y = (jnp.asarray(a) for a in data(name))
-    return jax_window(*optax_train_step(model_of(name), optax.sgd(1e-2, momentum=0.9), x, y),
-                      steps)
+    return baseline_window(name, steps, optax.sgd(1e-2, momentum=0.9))
 
 
 def torch_step(name, structure, T, device="cpu", batch=BATCH):
@@ -230,43 +248,34 @@ def torch_window(one_step, steps):
 
 def layer_piece_times(name, structure, repeats=20):
     """Where our T=1 step's preconditioner time goes, per layer of ``name``: the
-    milliseconds of the curvature from the captured statistics, the factor update and
-    the natural gradient, each jitted and timed alone (median of ``repeats``).
+    milliseconds of the curvature from the captured statistics and of the natural
+    gradient, each jitted and timed alone (median of ``repeats``).
 
-    Returns ``[(layer path, dim K, dim C, {"curvature": ms, "update": ms,
-    "natural gradient": ms}), ...]``. Uses the transform's internals: a diagnostic.
+    Returns ``[(layer path, dim K, dim C, {"curvature": ms, "natural gradient": ms}),
+    ...]``.
     """
-    from sing_jax._src.singd import transform
-
-    graphdef, params, rest = nnx.split(model_of(name), nnx.Param, ...)
-    lr, momentum, damping, alpha1, lr_cov = 1e-2, 0.9, 1e-3, 0.5, 1e-2
-    tx = sing_jax.singd(lr, momentum=momentum, damping=damping, alpha1=alpha1, T=1,
-                        lr_cov=lr_cov, structures=(structure, structure))
-    layers = transform._find_singd_state(tx.init(params)).layers
-    hyper = transform._LayerHyper(lr, momentum, damping, alpha1, 0.0, lr_cov,
-                                  kfac_like=False, normalize_lr_cov=False)
+    model = model_of(name)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = sing_jax.singd(1e-2, T=1, structures=(structure, structure),
+                        layers=sing_jax.singd_layers(model))
+    layers = sing_jax.singd_state(tx.init(params)).layers
     x, y = (jnp.asarray(a) for a in data(name))
     merged = nnx.merge(graphdef, params, rest, copy=True)
     (_, grads), captures = sing_jax.singd_value_and_grad(loss_fn, merged, x, y)
-    grad_leaves = dict(zip(*transform._leaf_paths(grads)[:2], strict=True))
+    grad_leaves = dict(zip(sing_jax.leaf_paths(grads), jax.tree.leaves(grads), strict=True))
 
     def blocking(fn, *args):
         fn = jax.jit(fn)
         return lambda: jax.block_until_ready(fn(*args))
 
-    def update(lp, curvature):
-        return transform._update_factors(lp, curvature, hyper, jnp.int32(0))
-
     rows = []
     for layer in layers:
         cfg = layer.config
-        capture = captures[cfg.path]
         kernel = grad_leaves[f"{cfg.path}/kernel"]
         bias = grad_leaves.get(f"{cfg.path}/bias")
         seconds = timing.interleaved_medians({
-            "curvature": blocking(transform.layer_curvature, layer, capture),
-            "update": blocking(update, layer, transform.layer_curvature(layer, capture)),
-            "natural gradient": blocking(transform.natural_gradient, layer, kernel, bias),
+            "curvature": blocking(type(layer).curvature, layer, captures[cfg.path]),
+            "natural gradient": blocking(type(layer).natural_gradient, layer, kernel, bias),
         }, repeats)
         rows.append((cfg.path, cfg.dim_k, cfg.dim_c, {k: v * 1e3 for k, v in seconds.items()}))
     return rows
@@ -274,20 +283,20 @@ def layer_piece_times(name, structure, repeats=20):
 
 def print_piece_times(models, structures, repeats):
     print(f"{'model':<5} {'structure':<15} {'layer':<6} {'K':>5} {'C':>5} "
-          f"{'curvature ms':>12} {'update ms':>9} {'nat. grad ms':>12}")
+          f"{'curvature ms':>12} {'nat. grad ms':>12}")
     for name in models:
         for structure in structures:
             rows = layer_piece_times(name, structure, repeats)
             for path, dim_k, dim_c, ms in rows + [("total", "", "", {
                     key: sum(r[3][key] for r in rows) for key in rows[0][3]})]:
                 print(f"{name:<5} {structure:<15} {path:<6} {dim_k:>5} {dim_c:>5} "
-                      f"{ms['curvature']:>12.3f} {ms['update']:>9.3f} "
-                      f"{ms['natural gradient']:>12.3f}", flush=True)
+                      f"{ms['curvature']:>12.3f} {ms['natural gradient']:>12.3f}",
+                      flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit"])
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES))
     parser.add_argument("--T", nargs="+", type=int, default=[1, 10])
     parser.add_argument("--repeats", type=int, default=None,
@@ -299,7 +308,7 @@ def main():
                         help="CNN only; dense, diagonal, tril_toeplitz")
     parser.add_argument("--pieces", action="store_true",
                         help="instead: per layer, the T=1 preconditioner pieces (curvature, "
-                             "factor update, natural gradient) timed alone")
+                             "natural gradient) timed alone")
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -318,21 +327,24 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     header = (f"{'model':<5} {'structure':<15} {'T':>3} {'ours ms':>9} {'sgd ms':>8} "
-              f"{'torch ms':>9} {'ours/torch':>10} {'ours/sgd':>9} {'precond KiB':>11} "
-              f"{'floor ms':>8}")
+              f"{'adamw ms':>8} {'torch ms':>9} {'ours/torch':>10} {'ours/sgd':>9} "
+              f"{'ours/adamw':>10} {'precond KiB':>11} {'floor ms':>8}")
     print(header)
     print("-" * len(header))
-    worst_t1, diag_t10 = float("nan"), float("nan")  # nan: not measured in this run
+    worst_t1, diag_t10, vit_t10 = (float("nan"),) * 3  # nan: not measured in this run
     for name in args.models:
-        param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model_of(name),
-                                                                       nnx.Param)))
+        model = model_of(name)
+        param_bytes = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
         for structure in args.structures:
             torch_refresh = None  # PyTorch's T=1 step: the refresh step of T > 1
             for T in sorted(args.T):
                 steps = T * max(1, -(-args.window // T))  # whole periods, >= --window
                 ours, nbytes = ours_window(name, structure, T, steps)
                 windows = {"ours": (ours, steps), "sgd": (sgd_window(name, steps), steps)}
-                torch_one = None if args.no_torch else torch_step(name, structure, T)
+                if name == "vit":
+                    windows["adamw"] = (baseline_window(name, steps, optax.adamw(1e-3)), steps)
+                torch_one = None if args.no_torch or name == "vit" else torch_step(
+                    name, structure, T)
                 if torch_one is not None and T == 1:
                     # slow reference structures (PyTorch's naive Toeplitz): one step a window
                     torch_steps = 1 if timing.seconds_of(torch_one) > 1.0 else steps
@@ -348,18 +360,23 @@ def main():
                         torch_refresh is not None) else float("nan")
                 torch_refresh = ref if T == 1 else torch_refresh
                 ours, sgd = times["ours"], times["sgd"]
+                adamw = times.get("adamw", float("nan"))
                 # the update reads params, grads, momentum, the factors and writes
                 # params, momentum (and the factors every T steps)
                 floor = (5 * param_bytes + nbytes * (1 + 2 / T)) / bandwidth
                 print(f"{name:<5} {structure:<15} {T:>3} {ours * 1e3:>9.1f} {sgd * 1e3:>8.1f} "
-                      f"{ref * 1e3:>9.1f} {ours / ref:>10.2f} {ours / sgd:>9.2f} "
-                      f"{nbytes / 1024:>11.1f} {floor * 1e3:>8.2f}", flush=True)
+                      f"{adamw * 1e3:>8.1f} {ref * 1e3:>9.1f} {ours / ref:>10.2f} "
+                      f"{ours / sgd:>9.2f} {ours / adamw:>10.2f} {nbytes / 1024:>11.1f} "
+                      f"{floor * 1e3:>8.2f}", flush=True)
                 if name == "cnn" and T == 1 and np.isfinite(ref):
                     worst_t1 = np.nanmax([worst_t1, ours / ref])
                 if name == "cnn" and T == 10 and structure == "diagonal":
                     diag_t10 = ours / sgd
+                if name == "vit" and T == 10 and structure == "dense":
+                    vit_t10 = ours / adamw
     print(f"headline: ours/torch at T=1 (worst structure, CNN) = {worst_t1:.2f} (target <= 0.5); "
-          f"ours/sgd diagonal T=10 (CNN) = {diag_t10:.2f} (target <= 1.5)")
+          f"ours/sgd diagonal T=10 (CNN) = {diag_t10:.2f} (target <= 1.5); "
+          f"ours/adamw dense T=10 (ViT-Tiny) = {vit_t10:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from sing_jax._src.channels import (
     detect_channel_dims,
 )
 from sing_jax._src.lookahead import LookaheadState, lookahead
+from sing_jax._src.paths import leaf_paths
 from sing_jax._src.spherical import (
     ScaleByAdamGState,
     ScaleByAdamSState,
@@ -44,14 +45,21 @@ from sing_jax._src.standardize import (
 from sing_jax._src.singd import (
     LayerCapture,
     LayerCurvature,
+    LayerInfo,
+    LayerPreconditioner,
+    SINGDMultiStepsState,
     SINGDState,
+    SINGDValueAndGrad,
     accumulate_singd_stats,
     capture_value_and_grad,
     singd,
     singd_curvature,
+    singd_layers,
     singd_multi_steps,
     singd_report,
+    singd_state,
     singd_value_and_grad,
+    singd_value_and_grad_split,
 )
 from sing_jax._src.singd import structures as singd_structures
 
@@ -103,6 +111,7 @@ __all__ = [
     "detect_channel_dims",
     "LookaheadState",
     "lookahead",
+    "leaf_paths",
     "ScaleByAdamGState",
     "ScaleByAdamSState",
     "ScaleByMomentumState",
@@ -122,14 +131,21 @@ __all__ = [
     "output_channel_dims",
     "LayerCapture",
     "LayerCurvature",
+    "LayerInfo",
+    "LayerPreconditioner",
+    "SINGDMultiStepsState",
     "SINGDState",
+    "SINGDValueAndGrad",
     "accumulate_singd_stats",
     "capture_value_and_grad",
     "singd",
     "singd_curvature",
+    "singd_layers",
     "singd_multi_steps",
     "singd_report",
+    "singd_state",
     "singd_value_and_grad",
+    "singd_value_and_grad_split",
     "singd_structures",
     "schedules",
     "DiagnosticsState",

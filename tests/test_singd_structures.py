@@ -174,42 +174,6 @@ def test_block_diagonal_with_one_block_is_dense_for_non_symmetric_matrices():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("dim", [S._SYMMETRIC_PRODUCT_MIN_DIM, S._SYMMETRIC_PRODUCT_MIN_DIM + 1])
-def test_wide_symmetric_products_come_from_half_blocks(dim):
-    # From this width K^T K and K K^T are three half-size products (even and odd
-    # halves); they must still be those products, now exactly symmetric.
-    rng = np.random.default_rng(3)
-    k = rng.normal(size=(dim, dim)) / np.sqrt(dim) + np.eye(dim)
-    k32 = jnp.asarray(k, jnp.float32)
-    gram = np.asarray(S.DenseMatrix(k32).from_inner().to_dense())
-    outer = np.asarray(S.square_outer(k32))
-    for got, want in ((gram, k.T @ k), (outer, k @ k.T)):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-        np.testing.assert_array_equal(got, got.T)
-    assert S.symmetric_product_cost(dim) == 0.75
-    assert S.symmetric_product_cost(S._SYMMETRIC_PRODUCT_MIN_DIM - 1) == 1.0
-
-
-@pytest.mark.parametrize("symmetric_blocks", [False, True])
-def test_block_diagonal_products_are_the_same_on_every_backend_path(symmetric_blocks,
-                                                                     monkeypatch):
-    # Y S S^T: one product per column block on CPU, one batched product elsewhere
-    rng = np.random.default_rng(2)
-    block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
-                                             block_size=3, symmetric_blocks=symmetric_blocks)
-    x = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
-
-    def products():
-        return [block.matmat(x), block.rmatmat(x), block.outer_matmat(x),
-                block.right_outer_matmat(x.T)]
-
-    on_cpu = products()
-    monkeypatch.setattr(S.jax, "default_backend", lambda: "gpu")
-    batched = products()
-    for a, b in zip(on_cpu, batched, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_structures_are_pytrees_that_jit():
     spec = S.structure("hierarchical", k1=3, k2=2)
     a = spec.eye(9, jnp.float32)
@@ -236,22 +200,36 @@ def test_structure_names_and_errors():
 
 
 @pytest.mark.parametrize("num_rows", [5, 40])  # fewer and many more rows than columns
-def test_from_inner_gram_and_rows_equal_from_inner(num_rows):
+def test_curvature_from_rows_and_from_the_gram_matrix_equal_from_inner(num_rows):
+    """P(S^T X X^T S) taken the ways the curvature takes it: from the rows X^T, from
+    the Gram matrix X X^T (whole, or the diagonal blocks block-diagonal needs)."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(9, num_rows)), jnp.float32)
     cases = [(name, {}) for name in S.STRUCTURE_CLASSES] + [
-        ("block_diagonal", {"block_size": 4}),  # its statistic block by block
-        ("block_diagonal", {"block_size": 6}),  # from the whole Gram (few blocks)
+        ("block_diagonal", {"block_size": 4}),
         ("block_diagonal", {"block_size": 4, "symmetric_blocks": True})]
     for name, options in cases:
         cls = S.structure(name).cls
         a = cls.from_dense(jnp.asarray(rng.normal(size=(9, 9)), jnp.float32), **options)
         want = a.from_inner(x).to_dense()
-        np.testing.assert_allclose(a.from_inner_gram(x @ x.T).to_dense(), want,
+        np.testing.assert_allclose(a.from_gram(x @ x.T).to_dense(), want,
                                    rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")
         np.testing.assert_allclose(a.from_inner_rows(x.T).to_dense(), want,
                                    rtol=1e-4, atol=1e-4, err_msg=f"{name} {options}")
-        # the statistic as the capture takes it from a whole Gram matrix
-        from_whole = a.from_gram_statistic(a.gram_statistic_of_gram(x @ x.T))
-        np.testing.assert_allclose(from_whole.to_dense(), want, rtol=1e-4, atol=1e-4,
-                                   err_msg=f"{name} {options}")
+    diagonal = S.DiagonalMatrix(jnp.asarray(rng.normal(size=9), jnp.float32))
+    np.testing.assert_allclose(diagonal.from_square_sums(jnp.sum(x * x, axis=1)).to_dense(),
+                               diagonal.from_inner(x).to_dense(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric_blocks", [False, True])
+def test_block_diagonal_right_products_equal_the_textbook_form(symmetric_blocks):
+    # Y (S S^T) = ((S S^T)^T Y^T)^T: on CPU taken one column block of Y at a time.
+    rng = np.random.default_rng(4)
+    block = S.BlockDiagonalMatrix.from_dense(jnp.asarray(rng.normal(size=(11, 11)), jnp.float32),
+                                             block_size=3, symmetric_blocks=symmetric_blocks)
+    y = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    outer = block.matmat(block.rmatmat(jnp.eye(11, dtype=jnp.float32)))  # S S^T, dense
+    np.testing.assert_allclose(block.right_outer_matmat(y), (outer.T @ y.T).T, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(block.right_outer_matmat)(y), y @ outer, rtol=1e-5,
+                               atol=1e-5)

@@ -14,8 +14,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sing_jax
-from sing_jax._src.singd import capture as capture_lib
-from sing_jax._src.singd import transform as transform_lib
 
 S = sing_jax.singd_structures
 
@@ -352,12 +350,12 @@ def test_ikfac_inverse_tracks_the_averaged_statistics_to_first_order():
         rng = np.random.default_rng(0)
         a_rows = jnp.asarray(rng.normal(size=(16, 3)))
         g_rows = jnp.asarray(rng.normal(size=(16, 2)) * 0.05)
-        info = capture_lib.LayerInfo("lin", "linear", True, (3, 2))
-        cap = capture_lib.LayerCapture(a_rows, g_rows, info)
+        info = sing_jax.LayerInfo("lin", "linear", (3, 2), (0,), (1,), True)
+        cap = sing_jax.LayerCapture((a_rows,), (g_rows,), info)
         params = {"lin": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))}}
         damping = 1e-2
-        a_mat = capture_lib.input_matrix(cap, "expand")
-        g_mat = capture_lib.output_grad_matrix(cap, "expand", "batch")
+        a_mat = jnp.concatenate([a_rows, jnp.ones((16, 1))], axis=1) / 4.0  # / sqrt(rows)
+        g_mat = g_rows * 4.0  # * sqrt(batch)
         s_k = a_mat.T @ a_mat + damping * jnp.eye(4)
         s_c = g_mat.T @ g_mat + damping * jnp.eye(2)
 
@@ -444,34 +442,6 @@ def test_gradient_accumulation_equals_one_big_batch(kfac_like):
     for lp_a, lp_b in zip(st_big.layers, st_acc.layers, strict=True):
         np.testing.assert_allclose(lp_a.k.to_dense(), lp_b.k.to_dense(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(lp_a.c.to_dense(), lp_b.c.to_dense(), rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("structure", ["dense", "block_diagonal", "hierarchical",
-                                       "tril_toeplitz"])
-@pytest.mark.parametrize("strides", [1, 2])  # Gram by offsets; by unfolded patches
-def test_curvature_from_patches_unfolded_in_chunks_equals_all_at_once(structure, strides,
-                                                                      monkeypatch):
-    params, _, caps = raw_captures(strides)
-    structure_of = sing_jax.singd_structures.structure
-    spec = {"block_diagonal": structure_of("block_diagonal", block_size=4),
-            "hierarchical": structure_of("hierarchical", k1=3, k2=5)}
-    tx = sing_jax.singd(0.1, structures=(spec.get(structure, structure),) * 2)
-    state = tx.init(params)
-    curvatures = {}
-    for budget in (1, None):  # one image per chunk; everything at once
-        monkeypatch.setattr(transform_lib, "CPU_PATCH_CHUNK_BYTES", budget)
-        curvatures[budget] = sing_jax.singd_curvature(state, caps)
-    for path, curv in curvatures[1].items():
-        np.testing.assert_allclose(curv.h_k.to_dense(), curvatures[None][path].h_k.to_dense(),
-                                   rtol=1e-5, atol=1e-7)
-    # and both equal the factor of the whole unfolded input matrix, whichever way the
-    # statistic was taken (whole Gram by offsets, or block by block)
-    for layer in transform_lib._find_singd_state(state).layers:
-        path = layer.config.path
-        rows = capture_lib.input_matrix(caps[path], layer.config.kfac_approx)
-        np.testing.assert_allclose(curvatures[None][path].h_k.to_dense(),
-                                   layer.k.from_inner_rows(rows).to_dense(),
-                                   rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 # --- data parallelism ------------------------------------------------------------------------
@@ -645,9 +615,9 @@ def test_value_and_grad_with_nnx_optimizer_state_and_batchnorm_under_jit():
     assert float(jnp.abs(model.bn.mean[...]).max()) > 0
 
 
-# --- layers SINGD does not precondition -------------------------------------------------------
+# --- layers SINGD does not precondition, shared layers, transforms ------------------------------
 class SharedAndConv1D(nnx.Module):
-    """A Linear called twice and a 1-D conv: neither fits SINGD's Kronecker factors."""
+    """A Linear called twice and a 1-D conv (which SINGD cannot precondition)."""
 
     def __init__(self, rngs):
         self.conv1d = nnx.Conv(2, 3, (3,), rngs=rngs)
@@ -666,17 +636,16 @@ def test_layers_excluded_by_overrides_pass_through_the_capture():
     y = jax.random.normal(jax.random.key(1), (8, 2))
     with pytest.raises(ValueError, match="'conv1d': SINGD supports 2-D nnx.Conv only"):
         sing_jax.singd_value_and_grad(loss_fn, model, x, y)
-    with pytest.raises(ValueError, match="'shared' was called more than once"):
-        sing_jax.singd_value_and_grad(loss_fn, model, x, y, layers=["shared", "head"])
-    tx = sing_jax.singd(0.1, T=1, layer_overrides={"shared": None, "conv1d": None},
-                        other=optax.sgd(0.1))
+    _, captures = sing_jax.singd_value_and_grad(loss_fn, model, x, y, layers=["shared", "head"])
+    assert len(captures["shared"].inputs) == 2  # one record per call
+    tx = sing_jax.singd(0.1, T=1, layer_overrides={"conv1d": None}, other=optax.sgd(0.1))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = tx.init(params)
-    assert [lp.config.path for lp in state.layers] == ["head"]
+    assert [lp.config.path for lp in state.layers] == ["head", "shared"]
     step = jax.jit(make_step(tx, graphdef))
     new_params, _, state, loss = step(params, rest, state, x, y)
     assert np.isfinite(float(loss))
-    for name in ("shared", "conv1d", "head"):  # trained by `other` and by SINGD
+    for name in ("shared", "conv1d", "head"):  # trained by SINGD and by `other`
         assert not np.allclose(new_params[name]["kernel"][...], params[name]["kernel"][...])
     # Raw captures can be restricted the same way.
     _, captures = sing_jax.singd_value_and_grad(loss_fn, model, x, y, layers=["head"])
@@ -687,70 +656,37 @@ def test_an_unbatched_example_is_a_batch_of_one():
     linear = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (3,))
     loss = lambda m, x: jnp.sum(jnp.sin(m(x)))  # noqa: E731
+    state = sing_jax.singd(loss_average=None).init(nnx.state(linear, nnx.Param))
     _, _, single = sing_jax.capture_value_and_grad(loss, linear, x)
     _, _, batched = sing_jax.capture_value_and_grad(loss, linear, x[None])
-    for kind in ("input_matrix", "output_grad_matrix"):
-        got = getattr(capture_lib, kind)(single[""])
-        want = getattr(capture_lib, kind)(batched[""])
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = sing_jax.singd_curvature(state, single)[""]
+    want = sing_jax.singd_curvature(state, batched)[""]
+    for a, b in ((got.h_k, want.h_k), (got.h_c, want.h_c)):
+        np.testing.assert_allclose(a.to_dense(), b.to_dense(), rtol=1e-6)
 
 
-def test_layers_inside_transforms_get_clear_errors():
-    class Remat(nnx.Module):
-        def __init__(self, rngs):
-            self.inner = nnx.Linear(2, 2, rngs=rngs)
-            self.head = nnx.Linear(2, 2, rngs=rngs)
+class Remat(nnx.Module):
+    def __init__(self, rngs):
+        self.inner = nnx.Linear(2, 2, rngs=rngs)
+        self.head = nnx.Linear(2, 2, rngs=rngs)
 
-        def __call__(self, x):
-            return self.head(nnx.remat(lambda m, x: m(x))(self.inner, x))
+    def __call__(self, x, remat=True):
+        inner = nnx.remat(lambda m, x: m(x)) if remat else (lambda m, x: m(x))
+        return self.head(jnp.tanh(inner(self.inner, x)))
 
+
+def test_layers_inside_nnx_transforms_are_captured_and_jax_transforms_get_clear_errors():
     model = Remat(nnx.Rngs(0))
-    x, y = jnp.ones((4, 2)), jnp.zeros((4, 2))
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    y = jnp.zeros((4, 2))
     state = sing_jax.singd(0.1, T=1).init(nnx.state(model, nnx.Param))
-    with pytest.raises(ValueError, match=r"'inner'.*nnx.remat.*layer_overrides=\{'inner': None\}"):
-        sing_jax.singd_value_and_grad(loss_fn, model, x, y, opt_state=state)
+    (_, _), stats = sing_jax.singd_value_and_grad(loss_fn, model, x, y, opt_state=state)
+    (_, _), plain = sing_jax.singd_value_and_grad(
+        lambda m, x, y: loss_fn(lambda x: m(x, remat=False), x, y), model, x, y,
+        opt_state=state)
+    for path in ("inner", "head"):  # nnx.remat carries the recordings out
+        np.testing.assert_allclose(stats[path].h_k.to_dense(), plain[path].h_k.to_dense(),
+                                   rtol=1e-6)
     per_example = lambda m, x, y: jnp.mean(jax.vmap(lambda a: m(a))(x) - y)  # noqa: E731
     with pytest.raises(ValueError, match=r"inside a JAX transform.*jax.vmap"):
         sing_jax.singd_value_and_grad(per_example, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), x, y)
-
-
-@quiet
-def test_wide_factors_refreshed_every_step_take_half_block_products(monkeypatch):
-    # A 767 -> 768 linear layer (d_K = 768 with its bias) at T = 1: K^T K, C^T C and the
-    # kept S S^T come from three half-size products each, which also makes keeping
-    # K K^T pay (3/4 * 768 < 768 columns). Training is the same as with whole products.
-    class Wide(nnx.Module):
-        def __init__(self, rngs):
-            self.linear = nnx.Linear(767, 768, rngs=rngs)
-
-        def __call__(self, x):
-            return self.linear(x)
-
-    x = jax.random.normal(jax.random.key(1), (16, 767))
-    y = jax.random.normal(jax.random.key(2), (16, 768))
-
-    def run():
-        model = Wide(nnx.Rngs(0))
-        tx = sing_jax.singd(0.05, T=1, lr_cov=0.05, damping=0.1)
-        state = tx.init(nnx.state(model, nnx.Param))
-        for _ in range(3):
-            (_, grads), stats = sing_jax.singd_value_and_grad(loss_fn, model, x, y,
-                                                             opt_state=state)
-            params = nnx.state(model, nnx.Param)
-            updates, state = tx.update(grads, state, params, singd_stats=stats)
-            nnx.update(model, optax.apply_updates(params, updates))
-        return nnx.state(model, nnx.Param), state.layers[0]
-
-    params, layer = run()
-    assert layer.config.cache_k_outer and layer.config.cache_c_outer
-    k = np.asarray(layer.k.to_dense())
-    np.testing.assert_array_equal(layer.k_outer, layer.k_outer.T)
-    np.testing.assert_allclose(layer.k_outer, k @ k.T, rtol=1e-4, atol=1e-5)
-
-    monkeypatch.setattr(S, "_SYMMETRIC_PRODUCT_MIN_DIM", 10**9)  # whole products only
-    plain_params, plain_layer = run()
-    assert not plain_layer.config.cache_k_outer  # 768 < 768 columns does not hold
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(layer.k.to_dense(), plain_layer.k.to_dense(), rtol=1e-4,
-                               atol=1e-6)

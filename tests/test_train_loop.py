@@ -160,7 +160,8 @@ def test_validate_fills_partial_configs_with_the_defaults():
 
 
 def test_singd_with_gradient_accumulation_sums_statistics_over_micro_batches(tmp_path):
-    from sing_jax._src.singd.transform import SINGDMultiStepsState
+    from sing_jax import SINGDMultiStepsState
+
     params = {"dense": {"kernel": jax.numpy.ones((3, 2)), "bias": jax.numpy.zeros(2)}}
     tx = optimizers.build_optimizer(dict(name="singd", learning_rate=0.05, grad_accum_steps=2),
                                     0.05, params)

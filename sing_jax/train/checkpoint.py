@@ -19,9 +19,7 @@ Safety:
   with a ValueError naming the differing keys; nothing is written. ``overwrite=True``
   deletes its checkpoints and metrics first.
 - a checkpoint whose arrays do not match the state (another model or optimizer) is a
-  ValueError naming the first differing leaf. SINGD's kept products ``S S^T`` are
-  derived from its factors: where a checkpoint keeps other ones than the state
-  (``cache_outer_products``, or an earlier version's choice), they are formed anew.
+  ValueError naming the first differing leaf.
 - :meth:`Checkpointer.restore` reads every kept checkpoint (arrays, data-iterator
   state, metrics). One that cannot be read (a crash while writing, a truncated,
   missing or emptied file) is moved aside to ``<step>.corrupt-<UTC time>``, never
@@ -142,48 +140,6 @@ class CheckpointMismatchError(ValueError):
 def _shape_dtype(x: Any) -> Any:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                 sharding=getattr(x, "sharding", None))
-
-
-def _map_singd_layers(fn: Any, tree: Any, *rest: Any) -> Any:
-    """``fn(path_name, layer, *rest_layers)`` on every SINGD layer state in ``tree``."""
-    from sing_jax._src.singd.transform import LayerPreconditioner
-
-    def is_layer(x):
-        return isinstance(x, LayerPreconditioner)
-
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x, *r: fn(path_str(path), x, *r) if is_layer(x) else x,
-        tree, *rest, is_leaf=is_layer)
-
-
-def _kept_products_as_stored(abstract: dict[str, Any], stored_names: Mapping[str, Any],
-                             ) -> dict[str, Any]:
-    """``abstract`` with every SINGD layer keeping ``K K^T`` / ``C C^T`` where the
-    checkpoint does (children 4 and 5 of a layer's state). Those products are derived
-    from the factors, so a checkpoint written with other ones (another
-    ``cache_outer_products``, another version's choice of which factors keep one)
-    restores; :func:`_kept_products_as_template` forms the ones the template keeps."""
-
-    def as_stored(name, layer):
-        keep_k, keep_c = f"{name}/4" in stored_names, f"{name}/5" in stored_names
-        if (keep_k, keep_c) == (layer.config.cache_k_outer, layer.config.cache_c_outer):
-            return layer
-        try:
-            return layer.with_kept_products(keep_k, keep_c)
-        except ValueError:  # not a dense factor: the shape check reports the mismatch
-            return layer
-
-    return _map_singd_layers(as_stored, abstract)
-
-
-def _kept_products_as_template(restored: dict[str, Any], template: dict[str, Any],
-                               ) -> dict[str, Any]:
-    def as_template(name, layer, template_layer):
-        del name
-        return layer.with_kept_products(template_layer.config.cache_k_outer,
-                                        template_layer.config.cache_c_outer)
-
-    return _map_singd_layers(as_template, restored, template)
 
 
 def _best_metric(metrics: Mapping[str, Any]) -> float:
@@ -407,17 +363,19 @@ class Checkpointer:
                     f"{tuple(np.shape(leaf))} now. Use another workdir or --overwrite.")
         extra = set(stored_flat) - {path_str(p) for p, _ in template_flat}
         if extra:
-            raise mismatch(f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another "
-                           "workdir or --overwrite.")
+            raise mismatch(
+                f"it has leaves the state lacks: {sorted(extra)[:4]}. Use another workdir or "
+                "--overwrite. (A SINGD state written by sing_jax up to commit d3dbb32 keeps "
+                "S S^T, children 4 and 5 of a layer, for more dense factors at T=1; such a "
+                "checkpoint restores with that version: finish its run with it.)")
 
     def _read(self, step: int, abstract: dict[str, Any], with_data: bool,
               ) -> tuple[dict[str, Any], Any]:
         """The arrays of checkpoint ``step`` in ``abstract``'s layout and the saved
         data-iterator position (``with_data``). Raises where any item is unreadable."""
         stored = self._stored_shapes(step)
-        layout = abstract if stored is None else _kept_products_as_stored(abstract, stored)
-        self._check_matches(step, layout, stored)
-        items = {"state": ocp.args.StandardRestore(layout)}
+        self._check_matches(step, abstract, stored)
+        items = {"state": ocp.args.StandardRestore(abstract)}
         position = _SavedPosition()
         step_dir = os.path.join(self.directory, str(step))
         legacy = os.path.join(step_dir, "data", "metadata")
@@ -432,10 +390,7 @@ class Checkpointer:
                 and self.manager.metrics(step) is None):
             raise FileNotFoundError(f"{step_dir}/{METRICS_ITEM} holds no metrics file: the "
                                     "validation accuracy that ranks it is lost")
-        arrays = restored["state"]
-        if stored is not None:
-            arrays = _kept_products_as_template(arrays, abstract)
-        return arrays, position.position
+        return restored["state"], position.position
 
     def restore(self, template: TrainState, step: int | None = None, *,
                 data_iterator: Any = None) -> TrainState | None:
@@ -449,8 +404,7 @@ class Checkpointer:
         again (bitwise the same where the run is deterministic) and ends with a
         readable final and best checkpoint. A RuntimeWarning names every move and
         each failure's root cause. A checkpoint that does not match the template's
-        structure raises (SINGD's kept products ``S S^T`` excepted: they are
-        re-formed from the factors).
+        structure raises.
 
         Args:
           template: a state of the run's model and optimizer (its arrays give shapes,

@@ -336,7 +336,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
     params_for_spec = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = optimizers.build_optimizer(config.optimizer, schedule, params_for_spec,
                                     detect_channel_dims=detect,
-                                    diagnostics=config.logging.grad_norms)
+                                    diagnostics=config.logging.grad_norms, model=model)
     set_batch_norm_axis(model, config.sync_batch_stats)
     state = TrainState.create(model, tx, rng=config.seed)
 

@@ -140,9 +140,10 @@ def optimizer_kwargs(opt_cfg: Any) -> tuple[str, dict[str, Any]]:
     constructor, _ = OPTIMIZERS[name]
     # The valid keys are the constructor's keyword arguments (config.optimizer is not a
     # locked ConfigDict: its keys depend on the optimizer, and a list of them would repeat
-    # these). axis_name and other are wired by the training step, not set from a config.
+    # these). axis_name, other and SINGD's layers are wired by the training loop, not set
+    # from a config.
     accepted = [p for p in inspect.signature(constructor).parameters
-                if p not in ("learning_rate", "channel_dims", "axis_name", "other")]
+                if p not in ("learning_rate", "channel_dims", "axis_name", "other", "layers")]
     kwargs = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -210,7 +211,8 @@ def frozen_mask(patterns: str | Sequence[str], params: Any) -> Any:
 
 def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params: Any, *,
                     detect_channel_dims: Callable[[], Any] | None = None,
-                    diagnostics: bool = False) -> optax.GradientTransformation:
+                    diagnostics: bool = False, model: Any = None
+                    ) -> optax.GradientTransformation:
     """The optimizer of ``opt_cfg`` with ``learning_rate`` (float or schedule).
 
     Args:
@@ -220,12 +222,17 @@ def build_optimizer(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, params:
       detect_channel_dims: ``() -> spec``, used when ``channel_dims='auto'``.
       diagnostics: wrap in :func:`sing_jax.with_diagnostics` (per-leaf gradient norms,
         read back with :func:`sing_jax.diagnostics_metrics`).
+      model: the NNX model; SINGD then preconditions every layer
+        :func:`sing_jax.singd_layers` finds (``nnx.LinearGeneral``, ``nnx.Einsum``,
+        scanned blocks too), not only the 2-D/4-D kernels.
     """
     cfg = _as_dict(opt_cfg)
     name, kwargs = optimizer_kwargs(cfg)
     constructor, takes_channel_dims = OPTIMIZERS[name]
     if takes_channel_dims:
         kwargs["channel_dims"] = channel_dims_spec(cfg, params, detect_channel_dims)
+    if name == "singd" and model is not None:
+        kwargs["layers"] = sing_jax.singd_layers(model)
     tx = constructor(learning_rate, **kwargs)
     clip = cfg.get("clip_grad_norm")
     if clip:

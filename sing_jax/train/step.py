@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sing_jax import singd_value_and_grad_split
 from sing_jax.nn.norms import batch_mask
 from sing_jax.train.state import TrainState
 
@@ -151,10 +152,12 @@ class StepOptions:
         :func:`sing_jax.with_diagnostics` (``grad_norm/<path>``, ``param_norm/<path>``,
         ``effective_lr/<path>`` and the global norms).
       singd: the optimizer contains :func:`sing_jax.singd`: the gradient pass also
-        captures its per-layer curvature statistics (``sing_jax.singd_value_and_grad``,
-        averaged over the devices; computed only on the steps where a layer's
-        preconditioner is refreshed, every ``T`` of its updates) and passes them to
-        ``tx.update``.
+        captures its per-layer curvature statistics
+        (``sing_jax.singd_value_and_grad_split``, averaged over the devices; computed
+        only on the steps where a layer's preconditioner is refreshed, every ``T`` of
+        its updates) and passes them to ``tx.update``. With ``compute_dtype`` the
+        captured activations and gradients are in that dtype; the curvature and the
+        factors are in SINGD's ``preconditioner_dtype``.
       mixing: ``(num_classes, mixup_alpha, cutmix_alpha, label_smoothing)``: mix each
         device's shard with :func:`sing_jax.data.augment.mix_batch` (a key from
         ``(rng, step, device)``) and train on the soft labels (the ImageNet recipe).
@@ -181,24 +184,16 @@ class StepOptions:
 def _singd_gradients(state: TrainState, forward: Callable[[nnx.Module], Any]):
     """Gradients, metric sums, new model state and SINGD curvature of one shard.
 
-    The layer inputs and output gradients are captured in the same backward pass
-    (``sing_jax``'s SINGD capture); the curvature of the layers whose preconditioner
-    is refreshed at this step is averaged over ``'data'``, the others get zeros
-    (:func:`sing_jax._src.singd.transform.refreshed_curvature`).
+    One forward/backward pass also captures the layer statistics
+    (:func:`sing_jax.singd_value_and_grad_split`); the gradients and the curvature of
+    the layers whose preconditioner is refreshed at this step are averaged over
+    ``'data'``, the other layers get zeros.
     """
-    from sing_jax._src.singd.capture import functional_value_and_grad
-    from sing_jax._src.singd.transform import _find_singd_state, refreshed_curvature
-
-    registered = [lp.config.path for lp in _find_singd_state(state.opt_state).layers]
-    # Plain-array model state: every merge builds fresh variables inside this trace.
-    (loss, sums), grads, captures, new_rest = functional_value_and_grad(
-        forward, state.graphdef, state.params, state.model_state, (), {},
-        has_aux=True, capture=True, only=registered)
-    # The params are plain dicts, so are their gradients; the new model state is an
-    # nnx.State, made plain like the state it replaces.
-    new_rest = nnx.to_pure_dict(new_rest)
-    stats = refreshed_curvature(state.opt_state, captures, AXIS)
-    return jax.lax.pmean(grads, AXIS), sums, new_rest, stats
+    (loss, sums), grads, stats, model_state = singd_value_and_grad_split(
+        forward, state.graphdef, state.params, state.model_state,
+        opt_state=state.opt_state, has_aux=True, axis_name=AXIS)
+    del loss  # the metric sums carry it
+    return grads, sums, model_state, stats
 
 
 def per_device_train_step(state: TrainState, batch: Batch, *,
@@ -250,7 +245,13 @@ def per_device_train_step(state: TrainState, batch: Batch, *,
 
     extra_args = {}
     if options.singd:
-        grads, sums, model_state, stats = _singd_gradients(state, forward)
+        def singd_forward(model):
+            if options.compute_dtype is not None:  # inside the gradient: float32 grads
+                nnx.update(model, _cast_floating(nnx.state(model, nnx.Param),
+                                                 options.compute_dtype))
+            return forward(model)
+
+        grads, sums, model_state, stats = _singd_gradients(state, singd_forward)
         extra_args["singd_stats"] = stats
     else:
         grads, (sums, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)

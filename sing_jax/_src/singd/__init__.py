@@ -1,75 +1,54 @@
-"""SINGD: structured inverse-free natural gradient descent (structures, capture, transform)."""
+"""SINGD: structured inverse-free natural gradient descent.
 
-from sing_jax._src.singd.capture import (
-    LayerCapture,
-    LayerInfo,
-    capture_value_and_grad,
-    input_matrix,
-    output_grad_matrix,
+The modules, in the order data flows through them: :mod:`.layers` (which layers,
+their kernels as matrices), :mod:`.capture` (layer inputs and output gradients),
+:mod:`.curvature` (the statistics each structure needs, and :math:`H_K, H_C`),
+:mod:`.structures` (one module per family of factors), :mod:`.transform` (the optax
+update), :mod:`.gradients` (capture + curvature + gradients for training loops).
+"""
+
+from sing_jax._src.singd import structures
+from sing_jax._src.singd.capture import LayerCapture, capture_value_and_grad
+from sing_jax._src.singd.curvature import LayerCurvature
+from sing_jax._src.singd.gradients import (
+    SINGDMultiStepsState,
+    SINGDValueAndGrad,
+    accumulate_singd_stats,
+    singd_curvature,
+    singd_multi_steps,
+    singd_value_and_grad,
+    singd_value_and_grad_split,
 )
-from sing_jax._src.singd.structures import (
-    STRUCTURE_CLASSES,
-    BlockDiagonalMatrix,
-    DenseMatrix,
-    DiagonalMatrix,
-    HierarchicalMatrix,
-    StructuredMatrix,
-    StructureSpec,
-    TrilBottomRightDiagonalMatrix,
-    TrilToeplitzMatrix,
-    TrilTopLeftDiagonalMatrix,
-    TriuBottomRightDiagonalMatrix,
-    TriuToeplitzMatrix,
-    TriuTopLeftDiagonalMatrix,
-    structure,
-)
+from sing_jax._src.singd.layers import LayerInfo, singd_layers
 from sing_jax._src.singd.transform import (
     LayerConfig,
-    LayerCurvature,
     LayerPreconditioner,
     SINGDRegistration,
     SINGDState,
-    accumulate_singd_stats,
-    layer_curvature,
-    natural_gradient,
     singd,
-    singd_curvature,
-    singd_multi_steps,
     singd_report,
-    singd_value_and_grad,
+    singd_state,
 )
 
 __all__ = [
-    "STRUCTURE_CLASSES",
-    "BlockDiagonalMatrix",
-    "DenseMatrix",
-    "DiagonalMatrix",
-    "HierarchicalMatrix",
     "LayerCapture",
     "LayerConfig",
     "LayerCurvature",
     "LayerInfo",
     "LayerPreconditioner",
+    "SINGDMultiStepsState",
     "SINGDRegistration",
     "SINGDState",
-    "StructureSpec",
-    "StructuredMatrix",
-    "TrilBottomRightDiagonalMatrix",
-    "TrilToeplitzMatrix",
-    "TrilTopLeftDiagonalMatrix",
-    "TriuBottomRightDiagonalMatrix",
-    "TriuToeplitzMatrix",
-    "TriuTopLeftDiagonalMatrix",
+    "SINGDValueAndGrad",
     "accumulate_singd_stats",
     "capture_value_and_grad",
-    "input_matrix",
-    "layer_curvature",
-    "natural_gradient",
-    "output_grad_matrix",
     "singd",
     "singd_curvature",
+    "singd_layers",
     "singd_multi_steps",
     "singd_report",
+    "singd_state",
     "singd_value_and_grad",
-    "structure",
+    "singd_value_and_grad_split",
+    "structures",
 ]

@@ -187,6 +187,33 @@ class MultiHeadSelfAttention(nnx.Module):
         return self.proj(out.reshape(batch, tokens, -1)), probs
 
 
+class FlaxMultiHeadSelfAttention(nnx.Module):
+    """Self-attention from Flax's ``nnx.MultiHeadAttention`` (separate ``query``,
+    ``key``, ``value`` and ``out`` ``nnx.LinearGeneral`` projections, which SINGD
+    preconditions). It does not expose the attention probabilities: returns ``None``
+    for them."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, kernel_init: Initializer | None = None,
+                 rngs: nnx.Rngs):
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"FlaxMultiHeadSelfAttention: num_heads={num_heads} does not divide "
+                f"embed_dim={embed_dim}; allowed num_heads are the divisors of {embed_dim}."
+            )
+        self.mha = nnx.MultiHeadAttention(
+            num_heads, embed_dim, qkv_features=embed_dim, out_features=embed_dim,
+            kernel_init=kernel_init or init_for_activation("none"),
+            bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+            decode=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        return self.mha(x), None
+
+
+ATTENTION_KINDS = {"fused": MultiHeadSelfAttention, "mha": FlaxMultiHeadSelfAttention}
+
+
 class TransformerBlock(nnx.Module):
     """Pre-norm block: ``h += attn(norm1(h)); h += mlp(norm2(h))``.
 
@@ -200,15 +227,15 @@ class TransformerBlock(nnx.Module):
                  norm: NormLike, dropout_rate: float, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs, matmul_dtype: Any = None,
                  kernel_init: Initializer | None = None, gelu_approximate: bool = False,
-                 **norm_kwargs: Any):
+                 attention: str = "fused", **norm_kwargs: Any):
         norm_args = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, **norm_kwargs)
         matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
         hidden = int(embed_dim * mlp_ratio)
         self.gelu_approximate = gelu_approximate
         self.norm1 = make_norm(norm, embed_dim, **norm_args)
-        self.attn = MultiHeadSelfAttention(embed_dim, num_heads, dtype=matmul_dtype,
-                                           param_dtype=param_dtype, kernel_init=kernel_init,
-                                           rngs=rngs)
+        self.attn = ATTENTION_KINDS[attention](embed_dim, num_heads, dtype=matmul_dtype,
+                                               param_dtype=param_dtype,
+                                               kernel_init=kernel_init, rngs=rngs)
         self.norm2 = make_norm(norm, embed_dim, **norm_args)
         self.fc1 = nnx.Linear(embed_dim, hidden,
                               kernel_init=kernel_init or init_for_activation("gelu"),
@@ -255,6 +282,12 @@ class ViT(nnx.Module):
       gelu_approximate: the tanh GELU instead of the exact (erf) one.
       dtype, param_dtype: computation and parameter dtypes.
       rngs: random streams (``params``, and ``dropout`` when ``dropout_rate > 0``).
+      attention: ``"fused"`` (default: one ``qkv`` ``nnx.Linear``, a ``proj`` one) or
+        ``"mha"`` (Flax's ``nnx.MultiHeadAttention``, ``nnx.LinearGeneral``
+        projections; no ``aux["attn_extra"]``).
+      scan_blocks: build the blocks with ``nnx.vmap`` (every block parameter gets a
+        leading ``depth`` axis) and run them with ``nnx.scan``: one compiled block
+        however deep the model.
 
     Seed 004's table is ``ViT(patch_size=p, embed_dim=e, depth=d)`` for
     ``(p, e, d)`` in (16, 192, 24), (16, 192, 36), (16, 288, 24), (32, 288, 24),
@@ -269,10 +302,13 @@ class ViT(nnx.Module):
                  attn_max_threshold: float = 0.5, init: str = "default",
                  matmul_dtype: Any = None, gelu_approximate: bool = False,
                  dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
-                 **norm_kwargs: Any):
+                 attention: str = "fused", scan_blocks: bool = False, **norm_kwargs: Any):
         check_norm_name(norm, "ViT")
         if init not in VIT_INITS:
             raise ValueError(f"ViT: init={init!r}; allowed values: {VIT_INITS}.")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"ViT: attention={attention!r}; expected one of "
+                             f"{sorted(ATTENTION_KINDS)}.")
         matmul_dtype = dtype if matmul_dtype is None else jnp.dtype(matmul_dtype)
         for name, value in (("num_classes", num_classes), ("patch_size", patch_size),
                             ("embed_dim", embed_dim), ("depth", depth),
@@ -321,13 +357,22 @@ class ViT(nnx.Module):
         self.cls_token = nnx.Param(cls_init(rngs.params(), (1, 1, embed_dim), param_dtype))
         self.pos_embed = nnx.Param(
             pos_init(rngs.params(), (1, num_patches + 1, embed_dim), param_dtype))
-        self.blocks = nnx.List([
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, norm=norm,
-                             dropout_rate=dropout_rate, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype,
-                             kernel_init=linear_init, gelu_approximate=gelu_approximate,
-                             **norm_kwargs)
-            for _ in range(depth)])
+
+        def make_block(rngs: nnx.Rngs) -> TransformerBlock:
+            return TransformerBlock(embed_dim, num_heads, mlp_ratio, norm=norm,
+                                    dropout_rate=dropout_rate, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs,
+                                    matmul_dtype=matmul_dtype, kernel_init=linear_init,
+                                    gelu_approximate=gelu_approximate, attention=attention,
+                                    **norm_kwargs)
+
+        self.attention = attention
+        self.scan_blocks = scan_blocks
+        if scan_blocks:
+            self.blocks = nnx.split_rngs(splits=depth)(
+                nnx.vmap(make_block, in_axes=(0,), out_axes=0))(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
         self.norm = make_norm(norm, embed_dim, rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype, **norm_kwargs)
         if timm:
@@ -356,6 +401,14 @@ class ViT(nnx.Module):
         tokens = tokens.reshape(batch, -1, dim).astype(stream)
         cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim)).astype(stream)
         h = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(stream)
+        if return_aux and self.attention == "mha" and self.attn_extra_loss_layers:
+            raise ValueError("ViT(attention='mha') does not expose the attention "
+                             "probabilities aux['attn_extra'] needs; pass "
+                             "attn_extra_loss_layers=0")
+        if self.scan_blocks:
+            h, aux = self._scanned_blocks(h, return_aux)
+            logits = self.head(self.norm(h)[:, 0])
+            return (logits, aux) if return_aux else logits
         feature_decay = jnp.zeros((), jnp.float32)
         attn_extra = jnp.zeros((), jnp.float32)
         for index, block in enumerate(self.blocks):
@@ -369,6 +422,30 @@ class ViT(nnx.Module):
         if return_aux:
             return logits, {"feature_decay": feature_decay, "attn_extra": attn_extra}
         return logits
+
+    def _scanned_blocks(self, h: jax.Array, return_aux: bool
+                        ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """The stacked blocks under ``nnx.scan``; the auxiliary terms per block."""
+        fd_threshold, max_threshold = self.feature_decay_threshold, self.attn_max_threshold
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def run(h, block):
+            h, h_attn, probs = block(h)
+            if not return_aux:
+                return h, ()
+            terms = (feature_decay_term(h_attn, fd_threshold)
+                     + feature_decay_term(h, fd_threshold),
+                     jnp.zeros((), jnp.float32) if probs is None
+                     else attention_extra_term(probs, max_threshold))
+            return h, terms
+
+        h, terms = run(h, self.blocks)
+        if not return_aux:
+            return h, None
+        feature_decay, per_block_attn = terms
+        first = jnp.arange(per_block_attn.shape[0]) < self.attn_extra_loss_layers
+        return h, {"feature_decay": jnp.sum(feature_decay),
+                   "attn_extra": jnp.sum(jnp.where(first, per_block_attn, 0.0))}
 
 
 def vit(patch_size: int = 16, embed_dim: int = 192, depth: int = 12, *,
