@@ -28,8 +28,9 @@ there are few of them. Conv patches are :math:`(C_{in}, k_H, k_W)`-ordered (PyTo
 (one :math:`K` for all groups). The Gram matrix of a stride-1 KFAC-expand
 convolution is taken without unfolding (:func:`conv_gram_by_offsets`); a
 block-diagonal factor takes it that way where that costs fewer multiply-adds than
-its blocks from the unfolded patches. Every choice here counts multiply-adds; none
-depends on the backend.
+its blocks from the unfolded patches. These choices count multiply-adds; the one
+backend-specific step, summing over chunks of images on CPU
+(:func:`sum_over_images`), gives the same sums.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ def _offset_gram_plan(info: LayerInfo, in_hw: tuple[int, int]) -> _OffsetGramPla
 # On CPU the statistics that are sums over images (a stride-1 convolution's Gram by
 # offsets, the Gram or diagonal blocks of unfolded patches) are summed a few images at
 # a time, in a lax.scan over chunks of the batch whose shifted or unfolded input stays
-# in cache; other backends take the whole batch at once. bench_singd's CNN, T=1 (one
-# quiet 2-core VM, interleaved): see docs/singd.md.
+# in cache; other backends take the whole batch at once (bench_singd's CNN, T=1, one
+# quiet 2-core VM, interleaved: block-diagonal 70 against 95 ms a step).
 CPU_CHUNK_BYTES = 6 * 2**20
 
 

@@ -178,9 +178,22 @@ def diagonal_blocks(mat: Array, block_size: int) -> tuple[Array, Array]:
 
 def row_gram_blocks(rows: Array, block_size: int) -> tuple[Array, Array]:
     r"""The diagonal blocks of :math:`R^\top R` for rows :math:`R` (``(r, d)``),
-    :math:`d b` multiply-adds per row instead of the :math:`d^2` of the whole Gram."""
+    :math:`d b` multiply-adds per row instead of the :math:`d^2` of the whole Gram:
+    one batched product, on CPU one product per block of columns (XLA:CPU transposes
+    all of :math:`R` for the batched one first)."""
     n = rows.shape[1] // block_size
     nb = n * block_size
-    head = rows[:, :nb].reshape(rows.shape[0], n, block_size)
     rest = rows[:, nb:]
-    return jnp.einsum("rni,rnj->nij", head, head), rest.T @ rest
+
+    def batched(rows):
+        head = rows[:, :nb].reshape(rows.shape[0], n, block_size)
+        return jnp.einsum("rni,rnj->nij", head, head)
+
+    def by_column_blocks(rows):
+        if n == 0:
+            return jnp.zeros((0, block_size, block_size), rows.dtype)
+        blocks = [rows[:, i * block_size:(i + 1) * block_size] for i in range(n)]
+        return jnp.stack([block.T @ block for block in blocks])
+
+    head = jax.lax.platform_dependent(rows, cpu=by_column_blocks, default=batched)
+    return head, rest.T @ rest
