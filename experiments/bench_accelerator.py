@@ -62,12 +62,18 @@ Left out, to fit the budget or the dependencies: the CPU-only settings of the ot
 benchmarks (XLA:CPU flags, glibc malloc), PyTorch at T=10 and on the ViT (no twin
 here), ``torch.compile``, ImageNet-sized ResNets, multi-device steps, data loading
 (``bench_data.py``), the per-layer SINGD pieces (``bench_singd.py --pieces``),
-ablations of SING's parts (``bench_optimizers.py``), the library's private
-CPU-only variants (only the public optimizers with their defaults are timed), the
+ablations of SING's parts (``bench_optimizers.py``), the
 ``--smoke`` plan's sizes (one tiny tree, the MLP at batch 8, a SmallCNN train step:
 every part runs, the numbers mean nothing), float32 matmul precision
 settings (each framework's default: XLA may use TF32 for float32 convolutions and
 products on this GPU, PyTorch convolutions do).
+
+What runs here is the textbook path of every rule: the library's CPU variants are
+chosen by ``jax.lax.platform_dependent`` on CPU only, and none is a candidate for an
+accelerator, so none is timed beside it. SING's rational softplus saves ``exp`` and
+``log1p``, which cost nothing in a memory-bound update; SINGD's per-chunk convolution
+statistics and per-column-block products trade parallel work for cache reuse, the
+opposite of what a GPU wants.
 
 Dependencies: jax, flax, optax, numpy and sing_jax's optimizers, models and train
 step (``sing_jax.train``'s checkpoints and config loop, which need orbax and

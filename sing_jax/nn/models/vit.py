@@ -156,17 +156,21 @@ def reference_aux_loss_weights(train_feature_decay: float = 0.1,
             "attn_extra": train_feature_decay * attn_extra_loss}
 
 
+def _check_heads(layer: str, embed_dim: int, num_heads: int) -> None:
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"{layer}: num_heads={num_heads} does not divide embed_dim={embed_dim}; "
+            f"allowed num_heads are the divisors of {embed_dim}."
+        )
+
+
 class MultiHeadSelfAttention(nnx.Module):
     """Self-attention with a fused ``qkv`` projection; can return the attention probabilities."""
 
     def __init__(self, embed_dim: int, num_heads: int, *, dtype: Any = None,
                  param_dtype: Any = jnp.float32, kernel_init: Initializer | None = None,
                  rngs: nnx.Rngs):
-        if embed_dim % num_heads:
-            raise ValueError(
-                f"MultiHeadSelfAttention: num_heads={num_heads} does not divide "
-                f"embed_dim={embed_dim}; allowed num_heads are the divisors of {embed_dim}."
-            )
+        _check_heads("MultiHeadSelfAttention", embed_dim, num_heads)
         linear = dict(kernel_init=kernel_init or init_for_activation("none"),
                       bias_init=nnx.initializers.zeros, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
@@ -196,11 +200,7 @@ class FlaxMultiHeadSelfAttention(nnx.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, dtype: Any = None,
                  param_dtype: Any = jnp.float32, kernel_init: Initializer | None = None,
                  rngs: nnx.Rngs):
-        if embed_dim % num_heads:
-            raise ValueError(
-                f"FlaxMultiHeadSelfAttention: num_heads={num_heads} does not divide "
-                f"embed_dim={embed_dim}; allowed num_heads are the divisors of {embed_dim}."
-            )
+        _check_heads("FlaxMultiHeadSelfAttention", embed_dim, num_heads)
         self.mha = nnx.MultiHeadAttention(
             num_heads, embed_dim, qkv_features=embed_dim, out_features=embed_dim,
             kernel_init=kernel_init or init_for_activation("none"),
@@ -321,11 +321,7 @@ class ViT(nnx.Module):
                 f"{(height, width)}; allowed patch sizes are common divisors of the "
                 "image height and width."
             )
-        if embed_dim % num_heads:
-            raise ValueError(
-                f"ViT: num_heads={num_heads} does not divide embed_dim={embed_dim}; "
-                f"allowed num_heads are the divisors of {embed_dim}."
-            )
+        _check_heads("ViT", embed_dim, num_heads)
         if not mlp_ratio > 0:
             raise ValueError(f"ViT: mlp_ratio={mlp_ratio!r}; expected a positive number.")
         if not 0.0 <= dropout_rate < 1.0:
