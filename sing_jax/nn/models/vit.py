@@ -53,7 +53,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sing_jax.nn.init import init_for_activation
+from sing_jax.nn.init import (
+    init_for_activation,
+    pytorch_default_bias_init,
+    pytorch_default_kernel_init,
+)
 from sing_jax.nn.models._common import check_input_channels, check_positive_int, head
 from sing_jax.nn.norms import NormLike, check_norm_name, make_norm
 
@@ -80,21 +84,6 @@ def timm_trunc_normal(std: float = 0.02) -> Initializer:
 def _clipped_normal(key: jax.Array, std: float, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     draw = jax.random.normal(key, shape, jnp.float32) * std
     return jnp.clip(draw, -2.0, 2.0).astype(dtype)
-
-
-def _pytorch_default_bias(fan_in: int) -> Initializer:
-    r"""PyTorch's default Linear/Conv bias: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
-    bound = 1.0 / float(fan_in) ** 0.5
-
-    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    return init
-
-
-# PyTorch's default kernel init kaiming_uniform(a=sqrt(5)) is U(+-1/sqrt(fan_in)), i.e.
-# variance 1/(3 fan_in): variance_scaling(1/3, fan_in, uniform) with Flax's fans.
-_PYTORCH_DEFAULT_KERNEL = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def feature_decay_term(h: jax.Array, threshold: float = 200.0) -> jax.Array:
@@ -343,8 +332,8 @@ class ViT(nnx.Module):
         self.patch_embed = nnx.Conv(
             in_channels, embed_dim, (patch_size, patch_size), strides=patch_size,
             padding="VALID",
-            kernel_init=_PYTORCH_DEFAULT_KERNEL if timm else init_for_activation("none"),
-            bias_init=(_pytorch_default_bias(patch_fan_in) if timm
+            kernel_init=pytorch_default_kernel_init() if timm else init_for_activation("none"),
+            bias_init=(pytorch_default_bias_init(patch_fan_in) if timm
                        else nnx.initializers.zeros),
             dtype=matmul_dtype, param_dtype=param_dtype, rngs=rngs)
         linear_init = timm_trunc_normal(0.02) if timm else None
