@@ -175,10 +175,9 @@ def layer_initializers(init: str, activation: str, fan_in: int
 
 
 def _fan_in(module: nnx.Module) -> int:
-    kernel_shape = module.kernel.shape
     if isinstance(module, nnx.LinearGeneral):
         return int(np.prod(module.in_features))
-    return int(np.prod(kernel_shape[:-1]))
+    return int(np.prod(module.kernel.shape[:-1]))
 
 
 def reinit_pytorch_default(model: nnx.Module, *, rngs: nnx.Rngs,
@@ -199,18 +198,17 @@ def reinit_pytorch_default(model: nnx.Module, *, rngs: nnx.Rngs,
     kernel_init = pytorch_default_kernel_init()
     for _, module in nnx.iter_modules(model):
         if isinstance(module, layer_types):
-            fan_in = _fan_in(module)
+            # U(+-1/sqrt(fan_in)) for the bias, and for a LinearGeneral kernel, whose
+            # several input axes variance_scaling's fans would not count as fan_in
+            uniform = pytorch_default_bias_init(_fan_in(module))
             kernel = module.kernel
             if isinstance(module, nnx.LinearGeneral):
-                bound = 1.0 / math.sqrt(fan_in)
-                kernel[...] = jax.random.uniform(rngs.params(), kernel.shape, kernel.dtype,
-                                                 -bound, bound)
+                kernel[...] = uniform(rngs.params(), kernel.shape, kernel.dtype)
             else:
                 kernel[...] = kernel_init(rngs.params(), kernel.shape, kernel.dtype)
             bias = getattr(module, "bias", None)
             if bias is not None:
-                bias[...] = pytorch_default_bias_init(fan_in)(rngs.params(), bias.shape,
-                                                              bias.dtype)
+                bias[...] = uniform(rngs.params(), bias.shape, bias.dtype)
             count += 1
         elif isinstance(module, norm_types):
             for name, value in (("scale", 1), ("bias", 0)):

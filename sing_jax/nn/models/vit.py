@@ -399,30 +399,36 @@ class ViT(nnx.Module):
         for index, block in enumerate(self.blocks):
             h, h_attn, probs = block(h)
             if return_aux:  # a Python branch: nothing is traced when not asked
-                feature_decay += (feature_decay_term(h_attn, self.feature_decay_threshold)
-                                  + feature_decay_term(h, self.feature_decay_threshold))
-                if index < self.attn_extra_loss_layers:
-                    attn_extra += attention_extra_term(probs, self.attn_max_threshold)
+                block_decay, block_attn = self._block_aux_terms(
+                    h, h_attn, probs if index < self.attn_extra_loss_layers else None)
+                feature_decay += block_decay
+                attn_extra += block_attn
         logits = self.head(self.norm(h)[:, 0])
         if return_aux:
             return logits, {"feature_decay": feature_decay, "attn_extra": attn_extra}
         return logits
 
+    def _block_aux_terms(self, h: jax.Array, h_attn: jax.Array, probs: jax.Array | None
+                         ) -> tuple[jax.Array, jax.Array]:
+        """One block's feature-decay term (both residual adds) and attention term
+        (zero without ``probs``)."""
+        decay = (feature_decay_term(h_attn, self.feature_decay_threshold)
+                 + feature_decay_term(h, self.feature_decay_threshold))
+        attn = (jnp.zeros((), jnp.float32) if probs is None
+                else attention_extra_term(probs, self.attn_max_threshold))
+        return decay, attn
+
     def _scanned_blocks(self, h: jax.Array, return_aux: bool
                         ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """The stacked blocks under ``nnx.scan``; the auxiliary terms per block."""
-        fd_threshold, max_threshold = self.feature_decay_threshold, self.attn_max_threshold
+        block_aux_terms = self._block_aux_terms  # bound outside the scanned function
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def run(h, block):
             h, h_attn, probs = block(h)
             if not return_aux:
                 return h, ()
-            terms = (feature_decay_term(h_attn, fd_threshold)
-                     + feature_decay_term(h, fd_threshold),
-                     jnp.zeros((), jnp.float32) if probs is None
-                     else attention_extra_term(probs, max_threshold))
-            return h, terms
+            return h, block_aux_terms(h, h_attn, probs)
 
         h, terms = run(h, self.blocks)
         if not return_aux:
