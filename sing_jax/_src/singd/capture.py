@@ -99,9 +99,6 @@ class _CallLayout:
     def rows_of_input(self, x: Array) -> Array:
         return jnp.transpose(x, self.input_order).reshape(self.input_rows)
 
-    def rows_of_output(self, y: Array) -> Array:
-        return jnp.transpose(y, self.output_order).reshape(self.output_rows)
-
     def output_of_rows(self, rows: Array) -> Array:
         permuted = rows.reshape(tuple(self.output_shape[a] for a in self.output_order))
         inverse = [0] * len(self.output_order)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sing_jax._src.singd.capture import LayerCapture
-from sing_jax._src.singd.layers import LayerInfo
+from sing_jax._src.singd.layers import LayerInfo, vmap_stacked
 from sing_jax._src.singd.structures import StructuredMatrix
 from sing_jax._src.singd.structures.block_diagonal import row_gram_blocks
 
@@ -93,6 +93,14 @@ def _explicit_padding(info: LayerInfo, in_hw: tuple[int, int]) -> tuple[tuple[in
     return tuple(jax.lax.padtype_to_pads(in_hw, dilated, info.strides, info.padding))
 
 
+def _conv_output_hw(info: LayerInfo, in_hw: tuple[int, int]) -> tuple[int, int]:
+    """The conv's output height and width for an ``in_hw`` input."""
+    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, in_hw)
+    (kh, kw), (sh, sw), (dh, dw) = info.unstacked_shape[:2], info.strides, info.dilation
+    return ((in_hw[0] + plo_h + phi_h - (kh - 1) * dh - 1) // sh + 1,
+            (in_hw[1] + plo_w + phi_w - (kw - 1) * dw - 1) // sw + 1)
+
+
 def _conv_input(x: Array, info: LayerInfo) -> Array:
     """A call's ``(B, H, W, C_in)`` input with the groups averaged: ``(B, H, W, C_in/g)``."""
     if info.groups > 1:
@@ -104,11 +112,10 @@ def _conv_taps(x: Array, info: LayerInfo) -> list[Array]:
     """One ``(B, O1, O2, C)`` strided slice of the padded input per kernel tap, in
     (kernel row, kernel column) order."""
     kh, kw = info.unstacked_shape[:2]
+    out_h, out_w = _conv_output_hw(info, x.shape[1:3])
     (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, x.shape[1:3])
     x = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
     (sh, sw), (dh, dw) = info.strides, info.dilation
-    out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
     return [jax.lax.slice(
                 x, (0, i * dh, j * dw, 0),
                 (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1,
@@ -151,8 +158,7 @@ def _offset_gram_plan(info: LayerInfo, in_hw: tuple[int, int]) -> _OffsetGramPla
     (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, in_hw)
     dh, dw = info.dilation
     height, width = in_hw
-    out_h = height + plo_h + phi_h - (kh - 1) * dh
-    out_w = width + plo_w + phi_w - (kw - 1) * dw
+    out_h, out_w = _conv_output_hw(info, in_hw)  # stride 1 here
 
     def read_range(tap, dilation, pad_lo, out, size):  # unpadded positions a tap reads
         lo, hi = tap * dilation - pad_lo, tap * dilation - pad_lo + out
@@ -297,11 +303,7 @@ def _conv_square_sums(x: Array, info: LayerInfo) -> Array:
 
 
 def _conv_output_positions(x_shape: tuple[int, ...], info: LayerInfo) -> int:
-    kh, kw = info.unstacked_shape[:2]
-    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(info, x_shape[1:3])
-    (sh, sw), (dh, dw) = info.strides, info.dilation
-    out_h = (x_shape[1] + plo_h + phi_h - (kh - 1) * dh - 1) // sh + 1
-    out_w = (x_shape[2] + plo_w + phi_w - (kw - 1) * dw - 1) // sw + 1
+    out_h, out_w = _conv_output_hw(info, x_shape[1:3])
     return out_h * out_w
 
 
@@ -486,10 +488,8 @@ def layer_curvature(k: StructuredMatrix, c: StructuredMatrix, capture: LayerCapt
     stacked), in the factors' dtypes; averaged over the mapped ``axis_names`` (summed
     for ``loss_average=None``) and over the capture's own axis name."""
     info = capture.info
-    fn = functools.partial(_unstacked_curvature, kfac_approx=kfac_approx,
-                           loss_average=loss_average)
-    for _ in range(info.num_stacked):
-        fn = jax.vmap(fn)
+    fn = vmap_stacked(functools.partial(_unstacked_curvature, kfac_approx=kfac_approx,
+                                        loss_average=loss_average), info.num_stacked)
     unstacked = dataclasses.replace(info, kernel_shape=info.unstacked_shape, num_stacked=0)
     h_k, h_c = fn(k, c, dataclasses.replace(capture, info=unstacked))
     axes = tuple(dict.fromkeys(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -105,6 +106,13 @@ def layout_from_kernel(path: str, kernel_shape: tuple[int, ...], has_bias: bool
 
 
 # -- kernels as matrices --------------------------------------------------------------
+def vmap_stacked(fn: Callable, num_stacked: int) -> Callable:
+    """``fn`` of one layer slice, mapped over ``num_stacked`` leading stacked axes."""
+    for _ in range(num_stacked):
+        fn = jax.vmap(fn)
+    return fn
+
+
 def kernel_matrix(kernel: Array, info: LayerInfo) -> Array:
     """Kernel -> ``stack + (d_i, d_o)`` with rows in the layer's input-feature order."""
     n = info.num_stacked
@@ -250,8 +258,7 @@ def describe_layer(module: nnx.Module, path: str) -> LayerInfo:
                          out_axes=tuple(range(n_in, n_in + n_out)),
                          axis=tuple(int(a) for a in module.axis), **common)
     if isinstance(module, nnx.Einsum):
-        _, ker, out = einsum_parts(module.einsum_str, path)
-        inp = module.einsum_str.replace(" ", "").split(",")[0]
+        inp, ker, out = einsum_parts(module.einsum_str, path)
         in_axes = tuple(ker.index(c) for c in ker if c in inp)
         out_axes = tuple(ker.index(c) for c in out if c in ker)
         if has_bias and math.prod(module.bias.shape) != math.prod(

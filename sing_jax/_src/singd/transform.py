@@ -72,6 +72,7 @@ from sing_jax._src.singd.layers import (
     kernel_from_matrix,
     kernel_matrix,
     layout_from_kernel,
+    vmap_stacked,
 )
 
 Array = jax.Array
@@ -152,12 +153,6 @@ def keeps_outer_product(spec: structures_lib.StructureSpec, dim: int, columns: i
     return enabled and spec.name == "dense" and dim < period * columns
 
 
-def _stacked(fn: Callable, num_stacked: int) -> Callable:
-    for _ in range(num_stacked):
-        fn = jax.vmap(fn)
-    return fn
-
-
 @jax.tree_util.register_pytree_node_class
 class LayerPreconditioner:
     """State of one layer: the factors ``K, C``, their momenta (None when alpha1=0) and,
@@ -197,7 +192,7 @@ class LayerPreconditioner:
                        jnp.eye(config.dim_k, dtype=k.dtype) if config.cache_k_outer else None,
                        jnp.eye(config.dim_c, dtype=c.dtype) if config.cache_c_outer else None)
 
-        return _stacked(one_slice, config.num_stacked)(jnp.zeros(config.stack_shape))
+        return vmap_stacked(one_slice, config.num_stacked)(jnp.zeros(config.stack_shape))
 
     def curvature(self, capture: LayerCapture, axis_name: str | None = None
                   ) -> LayerCurvature:
@@ -230,7 +225,7 @@ class LayerPreconditioner:
         cfg = self.config
         x = kernel_matrix(kernel_grad, cfg.info)  # stack + (d_i, d_o): W-grad transposed
         b = None if bias_grad is None else bias_grad.reshape(cfg.stack_shape + (cfg.dim_c,))
-        nat_k, nat_b = _stacked(_natural_gradient, cfg.num_stacked)(self, x, b)
+        nat_k, nat_b = vmap_stacked(_natural_gradient, cfg.num_stacked)(self, x, b)
         nat_k = kernel_from_matrix(nat_k, cfg.info).astype(kernel_grad.dtype)
         if bias_grad is None:
             return nat_k, None
@@ -427,7 +422,7 @@ def _refreshed(layer: LayerPreconditioner, curv: LayerCurvature, hyper: _LayerHy
     h_k = curv.h_k * inv.astype(layer.k.dtype)
     h_c = curv.h_c * inv.astype(layer.c.dtype)
     beta = _value(hyper.lr_cov, count)
-    update = _stacked(lambda lp, hk, hc: _update_factors(lp, hk, hc, hyper, beta),
+    update = vmap_stacked(lambda lp, hk, hc: _update_factors(lp, hk, hc, hyper, beta),
                       layer.config.num_stacked)
     return update(layer, h_k, h_c)
 

@@ -162,7 +162,7 @@ class HierarchicalMatrix(StructuredMatrix):
             e=self.e.T @ self.e + b_e.T @ b_e,
         )
 
-    def averagetrace(self) -> Array:
+    def average_trace(self) -> Array:
         return (trace(self.a) + jnp.sum(self.c) + trace(self.e)) / self.dim
 
     def add_diagonal(self, value: Any) -> HierarchicalMatrix:
