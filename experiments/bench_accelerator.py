@@ -112,13 +112,7 @@ import optax  # noqa: E402
 
 import sing_jax  # noqa: E402
 from sing_jax.nn import models  # noqa: E402
-from sing_jax.train import (  # noqa: E402
-    StepOptions,
-    TrainState,
-    data_mesh,
-    make_train_step,
-    set_batch_norm_axis,
-)
+from sing_jax.train import StepOptions  # noqa: E402
 
 if __package__:  # imported as experiments.bench_accelerator (python -m, tests)
     from . import bench_optimizers, bench_singd, bench_train, timing  # noqa: E402
@@ -457,8 +451,10 @@ def _vit_data(plan: Plan, seed: int = 0):
     return x, rng.integers(0, plan.vit_tiny["num_classes"], plan.vit_batch)
 
 
-BASELINES = {"sgd": lambda: optax.sgd(1e-2, momentum=0.9),
-             "adamw": lambda: optax.adamw(1e-3, weight_decay=1e-4)}
+# One transformation each (optax transformations hold no state): their jitted inits
+# are then traced once, not again for every row.
+BASELINES = {"sgd": optax.sgd(1e-2, momentum=0.9),
+             "adamw": optax.adamw(1e-3, weight_decay=1e-4)}
 
 
 class SingdModel:
@@ -486,33 +482,11 @@ class SingdModel:
     def baseline(self, which: str):
         """``(compiled step, fresh carry, fixed arguments)`` of a baseline: compiled on
         the first call, a fresh carry every call (a timed window donates its carry)."""
-        step, carry, fixed = bench_singd.optax_train_step(self.model(), BASELINES[which](),
+        step, carry, fixed = bench_singd.optax_train_step(self.model(), BASELINES[which],
                                                           self.x, self.y)
         if which not in self.compiled:
             self.compiled[which] = _compiled_run(step, carry, fixed)[0]
         return self.compiled[which], carry, fixed
-
-
-def _window(compiled, carry, fixed, steps):
-    return bench_singd.jax_window(compiled, carry, fixed, steps)
-
-
-def _torch_sync(device: str) -> None:
-    """Waits for the queued PyTorch work on ``device`` (CUDA work runs asynchronously)."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def torch_window(one_step: Callable[[], Any], steps: int, device: str) -> Callable[[], None]:
-    """A window of ``steps`` PyTorch steps that returns when their work is done."""
-    def window():
-        for _ in range(steps):
-            one_step()
-        _torch_sync(device)
-
-    return window
 
 
 def torch_singd_window(name: str, structure: str, batch: int, steps: int,
@@ -521,10 +495,10 @@ def torch_singd_window(name: str, structure: str, batch: int, steps: int,
     step a window where a step takes over a second (the naive reference structures)."""
     one = bench_singd.torch_step(name, structure, 1, device=device, batch=batch)
     one()  # warm-up: allocations, cuDNN's choices
-    _torch_sync(device)
-    one_s = timing.seconds_of(lambda: (one(), _torch_sync(device)))
+    bench_singd.torch_sync(device)
+    one_s = timing.seconds_of(lambda: (one(), bench_singd.torch_sync(device)))
     steps = 1 if one_s > 1.0 else steps
-    return torch_window(one, steps, device), steps
+    return bench_singd.torch_window(one, steps, device), steps
 
 
 def torch_train_window(build_torch: Callable, batch: int, dtype: str, window_s: float,
@@ -539,9 +513,9 @@ def torch_train_window(build_torch: Callable, batch: int, dtype: str, window_s: 
         autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     for _ in range(3):  # cuDNN's algorithm search, the allocator's warm-up
         one()
-    _torch_sync(device)
-    steps = _steps_for(window_s, timing.seconds_of(lambda: (one(), _torch_sync(device))))
-    return torch_window(one, steps, device), steps
+    bench_singd.torch_sync(device)
+    steps = _steps_for(window_s, timing.seconds_of(lambda: (one(), bench_singd.torch_sync(device))))
+    return bench_singd.torch_window(one, steps, device), steps
 
 
 def part_singd(plan: Plan, budget: Budget, torch_reason: str | None) -> list[dict]:
@@ -561,9 +535,9 @@ def part_singd(plan: Plan, budget: Budget, torch_reason: str | None) -> list[dic
             step, carry, fixed, precond_bytes = bench_singd.singd_train_step(
                 model.model(), structure, T, model.x, model.y)
             compiled, compile_s = _compiled_run(step, carry, fixed)
-            windows = {"ours": (_window(compiled, carry, fixed, steps), steps)}
+            windows = {"ours": (bench_singd.jax_window(compiled, carry, fixed, steps), steps)}
             for key in BASELINES:
-                windows[key] = (_window(*model.baseline(key), steps), steps)
+                windows[key] = (bench_singd.jax_window(*model.baseline(key), steps), steps)
             torch_note = None
             if name == "vit":
                 torch_note = "no PyTorch twin of this model here"
@@ -600,21 +574,8 @@ def _mib(nbytes: int | None) -> float | None:
 
 def _jax_train_window(build_model, tx, batch: int, dtype: str):
     """The library's train step on one device: (window factory, compile seconds, step s)."""
-    from flax import nnx
-
-    def create_state():
-        model = build_model(rngs=nnx.Rngs(0))
-        set_batch_norm_axis(model)
-        return TrainState.create(model, tx, rng=0)
-
     options = StepOptions(compute_dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
-    step = make_train_step(tx, mesh=data_mesh(jax.devices()[:1]), options=options)
-    # one compilation, not one per initialiser and leaf shape
-    state = step.place_state(jax.jit(create_state)())
-    rng = np.random.default_rng(0)
-    placed = step.place_batch({
-        "image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
-        "label": rng.integers(0, 10, batch).astype(np.int32)})
+    step, state, placed = bench_train.jax_train_step(build_model, tx, batch, options)
     box = [state]
 
     def one():

@@ -238,10 +238,20 @@ def torch_step(name, structure, T, device="cpu", batch=BATCH):
     return one_step
 
 
-def torch_window(one_step, steps):
+def torch_sync(device="cpu"):
+    """Waits for the queued PyTorch work on ``device`` (CUDA work runs asynchronously)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_window(one_step, steps, device="cpu"):
+    """A window of ``steps`` PyTorch steps that returns when their work is done."""
     def window():
         for _ in range(steps):
             one_step()
+        torch_sync(device)
 
     return window
 
