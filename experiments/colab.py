@@ -276,10 +276,12 @@ def install(checkout: str, *, extras: Sequence[str] = EXTRAS, run: Runner = subp
     spec = importlib.util.find_spec("sing_jax")
     origin = spec.origin if spec is not None else None
     unmet = unmet_requirements(specs)
-    if origin is not None and not unmet and os.path.realpath(origin).startswith(
-            os.path.realpath(checkout) + os.sep):
-        return plan_install(checkout, sing_jax_origin=origin, unmet=unmet, backend="none",
-                            distributions=(), extras=extras).reason
+    # Installed from this checkout with every requirement met: plan_install says so
+    # (no command) before the backend and the distributions play any part.
+    installed = plan_install(checkout, sing_jax_origin=origin, unmet=unmet, backend="none",
+                             distributions=(), extras=extras)
+    if installed.command is None:
+        return installed.reason
     jax_loaded = "jax" in sys.modules
     # A process that holds the TPU keeps a second one from opening it: ask this one.
     before = sys.modules["jax"].default_backend() if jax_loaded else probe_backend(python, run)
@@ -294,8 +296,9 @@ def install(checkout: str, *, extras: Sequence[str] = EXTRAS, run: Runner = subp
         raise RuntimeError(f"`{' '.join(plan.command)}` failed (exit {done.returncode}):\n"
                            + (done.stderr or done.stdout or "")[-3000:])
     importlib.invalidate_caches()
-    changed = {d: (v, _installed_version(d)) for d, v in versions_before.items()
-               if _installed_version(d) != v}
+    versions_after = {d: _installed_version(d) for d in versions_before}
+    changed = {d: (v, versions_after[d]) for d, v in versions_before.items()
+               if versions_after[d] != v}
     if not jax_loaded:
         after = probe_backend(python, run)
         check_backend_kept(before, after, plan.accelerator_requirement)
@@ -563,7 +566,9 @@ class ConfigChangedError(ValueError):
 
 def latest_checkpoint_step(workdir: str) -> int | None:
     """The step of the newest checkpoint in ``workdir`` (None: there is none)."""
-    path = os.path.join(workdir, "checkpoints")
+    from sing_jax.train.checkpoint import CHECKPOINT_DIR
+
+    path = os.path.join(workdir, CHECKPOINT_DIR)
     steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
     return max(steps) if steps else None
 
@@ -636,12 +641,3 @@ def train_records(workdir: str) -> list[dict[str, Any]]:
     from sing_jax.train import read_metrics
 
     return [r for r in read_metrics(workdir) if r.get("kind") == "train"]
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of every array (or ``jax.ShapeDtypeStruct``) leaf of ``tree``."""
-    import jax
-    import numpy as np
-
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree) if hasattr(x, "shape"))

@@ -191,3 +191,15 @@ def test_pytorch_twins_of_the_train_benchmark_models_have_their_parameter_counts
                                         optimizer="adamw")
     first, second = float(step().detach()), float(step().detach())
     assert math.isfinite(first) and second != first  # it trains
+
+
+def test_tree_bytes_counts_shapes_and_arrays():
+    # the singd_structures notebook sizes abstract (eval_shape) states with it
+    import jax
+    import numpy as np
+
+    from experiments import timing
+
+    tree = {"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((5,), np.int8),
+            "c": None}
+    assert timing.tree_bytes(tree) == 3 * 4 * 4 + 5

@@ -423,12 +423,3 @@ def test_a_changed_config_is_explained_and_a_run_resumes(tmp_path):
     with pytest.raises(colab.ConfigChangedError, match="optimizer.learning_rate"):
         colab.train_or_resume(changed, workdir)  # refused before anything is built
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "42"))
-
-
-def test_tree_bytes_counts_shapes_and_arrays():
-    import jax
-    import numpy as np
-
-    tree = {"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((5,), np.int8),
-            "c": None}
-    assert colab.tree_bytes(tree) == 3 * 4 * 4 + 5
