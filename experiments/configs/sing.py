@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sing_jax.train.loop import default_config, split_config_arg
+from sing_jax.train.loop import default_config, split_config_flags
 
 # seed 000's only stated pair (its usage example)
 LEARNING_RATE = 1e-1
@@ -58,9 +58,8 @@ LAYER_NORM_AFFINE = r"(.*/)?norm\d*/(scale|bias)"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts, tiny = split_config_arg(arg, "cifar10,resnet18")
-    freeze_ln = "freeze_ln" in parts
-    parts = [p for p in parts if p != "freeze_ln"]
+    parts, flags = split_config_flags(arg, "cifar10,resnet18", ("tiny", "freeze_ln"))
+    tiny, freeze_ln = "tiny" in flags, "freeze_ln" in flags
     if len(parts) not in (2, 3):
         raise ValueError("sing config takes '<dataset>,<model>[,<schedule>][,freeze_ln]"
                          f"[,tiny]', got {arg!r}")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import ml_collections
 
 from sing_jax.train import seed001_hyperparameters, seed001_optimizer
-from sing_jax.train.loop import default_config
+from sing_jax.train.loop import default_config, split_config_flags
 
 DATASETS = ("cifar10", "cifar100", "svhn", "imagenet")
 MODELS = ("resnet20", "resnet18", "vgg16")
@@ -118,9 +118,7 @@ def optimizer_config(dataset: str, model: str, optimizer: str,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    fields = [p for p in (arg or "cifar10,resnet20,adamsrt").split(",") if p]
-    flags = {f for f in fields if f in FLAGS}
-    parts = [f for f in fields if f not in FLAGS]
+    parts, flags = split_config_flags(arg, "cifar10,resnet20,adamsrt", FLAGS)
     if len(parts) != 3:
         raise ValueError("spherical config takes '<dataset>,<model>,<optimizer>"
                          f"[,clean][,adamg_as_written][,tiny]', got {arg!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,10 +41,18 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 OPEN_SECTIONS = ("model", "optimizer", "schedule")
 
 
+def split_config_flags(arg: str | None, default: str, flags: Sequence[str]
+                       ) -> tuple[list[str], set[str]]:
+    """Splits a config-file argument ``'a,b[,flag...]'`` (``default`` when empty) into
+    its fields and the set of the ``flags`` it names."""
+    fields = [p for p in (arg or default).split(",") if p]
+    return [p for p in fields if p not in flags], {p for p in fields if p in flags}
+
+
 def split_config_arg(arg: str | None, default: str) -> tuple[list[str], bool]:
     """Splits a config-file argument ``'a,b[,tiny]'`` into its fields and the tiny flag."""
-    parts = [p for p in (arg or default).split(",") if p]
-    return [p for p in parts if p != "tiny"], "tiny" in parts
+    parts, flags = split_config_flags(arg, default, ("tiny",))
+    return parts, "tiny" in flags
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -347,7 +355,7 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False,
                                          async_save=config.checkpoint.async_save)
     logger = log_lib.MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    enabled=is_main)
-    spec = sdata.spec_with(dataset, preprocessing)
+    spec = info.spec
     mixing = None
     if config.dataset.mix and config.dataset.augment and (spec.mixup_alpha or spec.cutmix_alpha):
         mixing = (info.num_classes, spec.mixup_alpha, spec.cutmix_alpha, spec.label_smoothing)

@@ -42,8 +42,7 @@ TORCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamg": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
     "sgdmrt": dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0),
 }
-_RENAMED = {"lr": "learning_rate", "eps": "eps", "weight_decay": "weight_decay",
-            "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov"}
+_RENAMED = {"lr": "learning_rate"}  # every other keyword keeps its PyTorch name
 
 
 def from_torch(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,7 +82,7 @@ def from_torch(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         elif key == "nesterov":
             out["nesterov"] = bool(value)
         else:
-            out[_RENAMED[key]] = float(value)
+            out[_RENAMED.get(key, key)] = float(value)
     if name == "sgd":
         if out.pop("dampening"):
             raise ValueError(f"from_torch: sgd with dampening={merged['dampening']}; our sgd "
