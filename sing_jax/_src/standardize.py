@@ -12,7 +12,7 @@ import optax
 
 from sing_jax._src import channels
 from sing_jax._src.channels import ChannelDims, ChannelDimsSpec
-from sing_jax._src.paths import path_str
+from sing_jax._src.regularizers import _leaf_shape, map_named_leaves
 
 # Leaves that Flax stores in PyTorch's layout (they are not conv/linear kernels):
 # token and position embeddings, and nnx.Embed's (num_embeddings, features) table.
@@ -45,14 +45,25 @@ def output_channel_dims(params: Any, min_ndim: int = 2, *,
     same_layout = frozenset(same_layout_names)
 
     def pick(path, leaf):
-        shape = jnp.shape(leaf.get_value() if channels.is_variable(leaf) else leaf)
+        shape = _leaf_shape(leaf)
         if len(shape) < min_ndim:
             return None
-        if path_str(path).rsplit("/", 1)[-1] in same_layout:
+        if path.rsplit("/", 1)[-1] in same_layout:
             return ChannelDims((0,)) if math.prod(shape[1:]) > 1 else None
         return ChannelDims((-1,))
 
-    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=channels.is_variable)
+    return map_named_leaves(pick, params)
+
+
+def _standardized(g: jax.Array, eps: float,
+                  group_axes: tuple[int, ...] | None = None) -> jax.Array:
+    """``g`` (centred over ``group_axes`` first, if given) over its whole-leaf L2 norm
+    plus ``eps``, computed in float32 at least and returned in ``g``'s dtype."""
+    wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    if group_axes is not None:
+        wide = wide - jnp.mean(wide, axis=group_axes, keepdims=True)
+    norm = jnp.sqrt(jnp.sum(wide * wide))
+    return (wide / (norm + eps)).astype(g.dtype)
 
 
 def _stateless_per_leaf(channel_dims: ChannelDimsSpec,
@@ -125,12 +136,8 @@ def normalize_gradients(eps: float = 1e-8) -> optax.GradientTransformation:
       A stateless ``optax.GradientTransformation``.
     """
 
-    def normalize(g):
-        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-        norm = jnp.sqrt(jnp.sum(wide * wide))
-        return (wide / (norm + eps)).astype(g.dtype)
-
-    return optax.stateless(lambda updates, params: jax.tree.map(normalize, updates))
+    return optax.stateless(
+        lambda updates, params: jax.tree.map(lambda g: _standardized(g, eps), updates))
 
 
 def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_channel_dims,
@@ -154,11 +161,5 @@ def centralize_and_normalize_gradients(channel_dims: ChannelDimsSpec = output_ch
       A stateless ``optax.GradientTransformation``.
     """
 
-    def standardize(geometry, g):
-        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-        if geometry.group_axes is not None:
-            wide = wide - jnp.mean(wide, axis=geometry.group_axes, keepdims=True)
-        norm = jnp.sqrt(jnp.sum(wide * wide))
-        return (wide / (norm + eps)).astype(g.dtype)
-
-    return _stateless_per_leaf(channel_dims, standardize)
+    return _stateless_per_leaf(
+        channel_dims, lambda geometry, g: _standardized(g, eps, geometry.group_axes))
