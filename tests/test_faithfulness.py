@@ -23,12 +23,7 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("x64")  # every test in float64 (tests/conftest.py)
 
 
 def initial_params(seed=0):
